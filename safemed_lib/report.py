@@ -1,0 +1,104 @@
+"""The summary: each paper's headline claims, the paper's number, ours, and whether the direction holds.
+
+Notebooks record what they measured with :func:`record_claim` (one small JSON file per claim under
+``results/claims/``); the last notebook calls :func:`write_report` to assemble ``results/REPORT.md``.
+A claim no notebook measured on this run is listed as "not measured", never filled in.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .paths import RESULTS
+from .records import atomic_write_text
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    paper: str
+    claim: str
+    paper_number: str
+    figure: str = ""  # a figure under figures/ that shows it
+
+
+CLAIMS = (
+    Claim("safemed.sft_collapse", "SafeMed-R1", "A standard fine-tuned VLM collapses under PGD",
+          "~95% clean -> ~25% under PGD", "figures/03_eps_sweep.png"),
+    Claim("safemed.atgrpo_robust", "SafeMed-R1", "AT-GRPO keeps most of its accuracy under the same PGD",
+          "84.45% under PGD (+59 points over standard fine-tuning)", "figures/05_robustness.png"),
+    Claim("safemed.cot_more_robust", "SafeMed-R1",
+          "Chain-of-thought (think) models are more robust under attack than answer-only models",
+          "qualitative (no table public)", "figures/05_robustness.png"),
+    Claim("safemed.smoothing_certifies", "SafeMed-R1",
+          "Randomized smoothing certifies an L2 radius for the VLM's answer",
+          "certified radius reported; no numbers public", "figures/06_certified_accuracy.png"),
+    Claim("medr1.cross_modality_gain", "Med-R1",
+          "GRPO improves average accuracy over the base model across modalities (8x8 protocol)",
+          "+29.94 points", "figures/04_cross_modality.png"),
+    Claim("medr1.cross_qtype_gain", "Med-R1",
+          "GRPO improves over the base model in question-type generalization (5x5 protocol)",
+          "+32.06 points", "figures/04_cross_qtype.png"),
+    Claim("medr2.stage_degradation", "Med-R2", "Accuracy degrades stage by stage along the clinical workflow",
+          "qualitative (numbers not public)", "figures/07_stage_degradation.png"),
+    Claim("medr2.misleading_cues", "Med-R2", "Misleading textual cues flip answers (models rely on prompts)",
+          "qualitative (numbers not public)", "figures/07_cue_flip_rates.png"),
+    Claim("medr2.visual_cues", "Med-R2", "Even with explicit visual cues models struggle to use the image",
+          "qualitative (numbers not public)", ""),
+    Claim("medr2.stepwise_ft", "Med-R2", "Stepwise fine-tuning on the hierarchical data improves robustness",
+          "qualitative (numbers not public)", ""),
+)
+_BY_ID = {c.id: c for c in CLAIMS}
+
+
+def claims_dir(results: Path = RESULTS) -> Path:
+    return Path(results) / "claims"
+
+
+def record_claim(claim_id: str, ours: str, holds: bool | None, *, profile: str, detail: str = "",
+                 results: Path = RESULTS) -> Path:
+    """Store what this run measured for one claim. ``holds`` is whether the claim's direction holds
+    on our run (None: cannot tell). ``ours`` is the measured number(s) as text."""
+    if claim_id not in _BY_ID:
+        raise ValueError(f"unknown claim {claim_id!r}; known: {', '.join(_BY_ID)}")
+    rec = {"id": claim_id, "ours": str(ours), "holds": holds, "profile": profile, "detail": detail}
+    return atomic_write_text(claims_dir(results) / f"{claim_id}.json", json.dumps(rec, indent=2))
+
+
+def load_claims(results: Path = RESULTS) -> dict[str, dict]:
+    out = {}
+    for p in sorted(claims_dir(results).glob("*.json")):
+        rec = json.loads(p.read_text())
+        out[rec["id"]] = rec
+    return out
+
+
+def report_markdown(results: Path = RESULTS, profile: str | None = None) -> str:
+    measured = load_claims(results)
+    verdict = {True: "yes", False: "**no**", None: "unclear"}
+    lines = ["# SafeMed workbook: headline claims, the papers' numbers and ours", ""]
+    if profile:
+        lines += [f"Profile of this run: `{profile}`. Numbers of other profiles are not mixed in: a claim measured "
+                  "under another profile is marked so.", ""]
+    lines += ["| paper | claim | paper's number | ours | direction holds | figure |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for c in CLAIMS:
+        m = measured.get(c.id)
+        if m is None:
+            ours, holds = "not measured on this run", "-"
+        else:
+            ours = m["ours"] + ("" if profile in (None, m["profile"]) else f" (profile {m['profile']})")
+            holds = verdict[m["holds"]]
+        fig = f"[{Path(c.figure).name}](../{c.figure})" if c.figure else ""
+        lines.append(f"| {c.paper} | {c.claim} | {c.paper_number} | {ours} | {holds} | {fig} |")
+    details = [(c, measured[c.id]["detail"]) for c in CLAIMS if c.id in measured and measured[c.id]["detail"]]
+    if details:
+        lines += ["", "## Notes", ""] + [f"- **{c.id}**: {d}" for c, d in details]
+    lines += ["", "The embedded default is a synthetic benchmark and a tiny model trained here: directions, not "
+              "magnitudes, are what it can confirm. See README.md for its limits."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: Path = RESULTS, profile: str | None = None) -> Path:
+    return atomic_write_text(Path(results) / "REPORT.md", report_markdown(results, profile))
