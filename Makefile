@@ -33,6 +33,7 @@ reproduce: $(STAMP)
 browser-deps:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
+test: export SAFEMED_OUTPUT_DIR := runs/nbval/outputs
 test: $(STAMP) browser-deps
 	rm -rf runs/nbval
 	$(PY) -m safemed_lib.reproduce --profile smoke --prepare-only --out runs/nbval
