@@ -1,0 +1,140 @@
+"""Speed of the randomized-smoothing certifier on a VLM (not a test; numbers, not pass/fail).
+
+Measures, for one model and the profile's image size:
+* samples/s of both base classifiers (``logprob_classifier``: one teacher-forced forward pass;
+  ``generation_classifier``: greedy decoding + answer parsing, with the nothink prompt and
+  --max-new-tokens, and with the think prompt and the profile's certify_max_new_tokens) over a
+  batch-size sweep;
+* the fast path's speed-up (best logprob rate / best generation rate);
+* seconds per certified item at the profile's n0 + n (``certify_items``, both paths).
+
+Usage:  .venv/bin/python benchmarks/bench_certify.py [--profile tiny] [--model-dir DIR]
+Without --model-dir it builds the untrained tiny VLM on the benchmark's text; an untrained model
+never stops early, so generation always runs to its max new tokens: the worst case (a trained
+answer-only model stops after its ~6-token "<answer> X </answer>", a think model after its
+rationale). Pass --model-dir to time a trained model.
+Writes benchmarks/out/bench_certify.json and .md. On a shared machine the timings are contended.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import safemed_lib  # noqa: E402
+from safemed_lib import models, smoothing, workbook  # noqa: E402
+from safemed_lib.paths import PROJECT_ROOT  # noqa: E402
+from safemed_lib.records import atomic_write_text  # noqa: E402
+from safemed_lib.reproduce import load_profile  # noqa: E402
+
+OUT = PROJECT_ROOT / "benchmarks" / "out"
+
+
+def rate(classify, x, batch_size, repeats, sigma=0.25, seed=0):
+    """Median samples/s of ``classify`` on noisy copies of x (first call is a warm-up)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = x.unsqueeze(0).expand(batch_size, *x.shape)
+    classify(batch + sigma * torch.randn(batch.shape, generator=g))
+    times = []
+    for _ in range(repeats):
+        noisy = batch + sigma * torch.randn(batch.shape, generator=g)
+        t0 = time.perf_counter()
+        classify(noisy)
+        times.append(time.perf_counter() - t0)
+    return batch_size / statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--model-dir", default=None, help="a saved VLM (VLM.save / Qwen2-VL dir); default: untrained tiny")
+    ap.add_argument("--batch-sizes", default="1,8,32,64")
+    ap.add_argument("--gen-batch-sizes", default="1,8,32")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--items", type=int, default=2, help="items certified for the per-item time")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    safemed_lib.set_threads(args.threads)
+    p = load_profile(args.profile)
+    _, test = workbook.dataset(p["omnimedvqa_root"], p["bench_dir"], p["n_images"], p["image_size"], p["seed"])
+    items = test[: args.items]
+    if args.model_dir:
+        vlm, model_name = models.load_vlm(args.model_dir), str(args.model_dir)
+    else:
+        corpus = [t for it in test[:200] for t in (it.question, *it.options)]
+        vlm, model_name = models.build_tiny_vlm(corpus, seed=0, image_size=p["image_size"]), "untrained tiny VLM"
+    from safemed_lib import data
+
+    item = items[0]
+    x = data.load_images([item], size=p["image_size"])[0]
+    n0, n = p.get("certify_n0", 16), p.get("certify_n", 100)
+
+    sweep = []
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        sweep.append({"classifier": "logprob", "batch_size": bs,
+                      "samples_per_s": rate(smoothing.logprob_classifier(vlm, item), x, bs, args.repeats)})
+    think_tokens = p.get("certify_max_new_tokens", 96)
+    for label, prompt, tokens in (("generate", "nothink", args.max_new_tokens),
+                                  ("generate-think", "think", think_tokens)):
+        for bs in [int(b) for b in args.gen_batch_sizes.split(",")]:
+            classify = smoothing.generation_classifier(vlm, item, prompt=prompt, max_new_tokens=tokens)
+            sweep.append({"classifier": label, "batch_size": bs, "max_new_tokens": tokens,
+                          "samples_per_s": rate(classify, x, bs, args.repeats)})
+    kinds = ("logprob", "generate", "generate-think")
+    best = {c: max(s["samples_per_s"] for s in sweep if s["classifier"] == c) for c in kinds}
+    best_bs = {c: max((s for s in sweep if s["classifier"] == c), key=lambda s: s["samples_per_s"])["batch_size"]
+               for c in kinds}
+
+    per_item = {}
+    for method in ("logprob", "generate"):
+        t0 = time.perf_counter()
+        df = smoothing.certify_items(vlm, items, sigma=0.25, n0=n0, n=n, alpha=0.001, method=method,
+                                     prompt="nothink", image_size=p["image_size"], batch_size=best_bs[method],
+                                     max_new_tokens=args.max_new_tokens, seed=0)
+        per_item[method] = (time.perf_counter() - t0) / len(items)
+        assert len(df) == len(items)
+
+    result = {
+        "benchmark": "bench_certify", "profile": args.profile, "model": model_name, "image_size": p["image_size"],
+        "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores ({platform.platform()})",
+        "note": "timings taken on a shared 2-core machine while other jobs ran: contended",
+        "max_new_tokens": {"nothink": args.max_new_tokens, "think": think_tokens},
+        "sweep": sweep, "best_samples_per_s": best, "best_batch_size": best_bs,
+        "fast_path_speedup": best["logprob"] / best["generate"],
+        "speedup_vs_think_generation": best["logprob"] / best["generate-think"],
+        "n0": n0, "n": n, "seconds_per_certified_item": per_item,
+        "max_certifiable_radius_at_sigma_0.25": smoothing.max_certifiable_radius(0.25, n, 0.001),
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(OUT / "bench_certify.json", json.dumps(result, indent=2) + "\n")
+    lines = [f"# bench_certify ({args.profile}, {model_name}, {p['image_size']} px, {args.threads} thread)", "",
+             result["note"] + ".", "",
+             "| classifier | batch size | max new tokens | samples/s |", "| --- | --- | --- | --- |"]
+    lines += [f"| {s['classifier']} | {s['batch_size']} | {s.get('max_new_tokens', '-')} | {s['samples_per_s']:.1f} |"
+              for s in sweep]
+    lines += ["", f"- fast path speed-up (best logprob / best nothink generation): "
+              f"**{result['fast_path_speedup']:.1f}x**; vs think generation with {think_tokens} new tokens: "
+              f"**{result['speedup_vs_think_generation']:.1f}x** (" + (
+                  "an untrained model never stops early: generation always runs to max new tokens, the worst case"
+                  if not args.model_dir else "a trained model stops at its end-of-turn token") + ")",
+              f"- seconds per certified item at n0={n0}, n={n}: logprob {per_item['logprob']:.2f} s, "
+              f"generate {per_item['generate']:.2f} s",
+              f"- at the reference n0=100, n=100,000 the logprob path would need about "
+              f"{100_100 / best['logprob'] / 60:.0f} min per item on this machine"]
+    atomic_write_text(OUT / "bench_certify.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
