@@ -1,0 +1,365 @@
+"""Supervised fine-tuning: the "standard fine-tuned" baseline of SafeMed-R1 (and Med-R1's SFT).
+
+Two variants that differ only in their training targets:
+
+* ``think``:   ``<think> {rationale} </think>\\n<answer> C </answer>``, the rationale being the
+  benchmark's chain of thought from ``synth.rationale`` (built from the image's generating
+  parameters, ending in the evidence for the answer);
+* ``nothink``: ``<answer> C </answer>``
+
+(the canonical completions of ``prompts.format_completion``, which ``prompts.format_reward`` accepts).
+
+Both start from the same untrained base (one tokenizer, one initialisation, cached under
+``<models_dir>/base``), so any difference between them comes from the targets alone.
+
+Why a plain loop and not TRL's ``SFTTrainer``: the loss every part of this project shares is
+``VLM.sequence_nll`` (teacher-forced NLL of a completion given the image and the prompt, the same
+function PGD ascends). The loop below minimises exactly that in ~40 readable lines: AdamW, a cosine
+schedule with linear warm-up, gradient clipping, a CSV log and resumable checkpoints whose
+optimizer/scheduler/RNG state is a plain tensor dict loaded with ``weights_only=True``.
+``SFTTrainer`` would need its own dataset/collator path for Qwen2-VL images (not the differentiable
+preprocessing the rest of the project uses) and pickled Trainer checkpoints.
+
+Resuming: ``train_sft`` checkpoints every ``save_every`` steps and at the end into
+``out_dir/ckpt-<step>`` (model via ``VLM.save``, state in ``state.pt``), and points to the newest one
+in ``out_dir/latest`` (written atomically). Called again with the same settings it continues from
+that step; the data order is a pure function of (seed, step), so an interrupted-and-resumed run
+takes the same batches as an uninterrupted one. Calling it with a larger ``steps`` after a finished
+run continues training (the cosine schedule is then recomputed for the new total).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from . import data, models, prompts, synth
+from .records import atomic_write_text
+
+VARIANTS = ("think", "nothink")
+LOG_FIELDS = ("step", "loss", "lr", "seconds")
+
+
+# --------------------------------------------------------------------------- targets
+def sft_targets(item: data.VQAItem, scene: dict | None, variant: str) -> str:
+    """The completion SFT teaches for ``item``, in the canonical form of
+    ``prompts.format_completion`` (what ``prompts.format_reward`` accepts and what
+    ``VLM.option_logprobs`` scores): ``variant="think"`` gives
+    ``"<think> {rationale} </think>\\n<answer> C </answer>"`` with ``synth.rationale(item, scene)``;
+    ``"nothink"`` gives ``"<answer> C </answer>"`` (``scene`` unused)."""
+    if variant == "nothink":
+        return prompts.format_completion(item.answer, "nothink")
+    if variant == "think":
+        if scene is None:
+            raise ValueError(f"{item.question_id}: the think variant needs the image's scene metadata "
+                             "(synth.load_scenes) to write a rationale; real OmniMedVQA has none, use "
+                             "variant='nothink' there")
+        return prompts.format_completion(item.answer, "think", synth.rationale(item, scene))
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def benchmark_root(item: data.VQAItem) -> Path | None:
+    """The embedded benchmark root holding ``item``'s image (the folder with
+    ``synth.SCENES_FILE`` above it), or None for data without scene metadata."""
+    for parent in Path(item.image_path).resolve().parents:
+        if (parent / synth.SCENES_FILE).is_file():
+            return parent
+    return None
+
+
+def scenes_for(items: Sequence[data.VQAItem]) -> list[dict]:
+    """Each item's scene (``synth.scene_of``); a clear error for items without one."""
+    cache: dict[Path, dict] = {}
+    out = []
+    for it in items:
+        root = benchmark_root(it)
+        if root is None:
+            raise ValueError(f"{it.question_id}: no {synth.SCENES_FILE} above {it.image_path}; think-SFT "
+                             "rationales exist only for the embedded benchmark (use variant='nothink')")
+        if root not in cache:
+            cache[root] = synth.load_scenes(root)
+        out.append(synth.scene_of(it, cache[root], root))
+    return out
+
+
+def sft_target_list(items: Sequence[data.VQAItem], variant: str) -> list[str]:
+    """``sft_targets`` for every item (scenes looked up for the think variant)."""
+    scenes = scenes_for(items) if variant == "think" else [None] * len(items)
+    return [sft_targets(it, sc, variant) for it, sc in zip(items, scenes)]
+
+
+# --------------------------------------------------------------------------- training
+def _settings(variant, train_items, *, steps, lr, batch_size, image_size, seed) -> dict:
+    ids = "\n".join(sorted(it.question_id for it in train_items))
+    return {"variant": variant, "steps": int(steps), "lr": float(lr), "batch_size": int(batch_size),
+            "image_size": image_size, "seed": int(seed), "n_train": len(train_items),
+            "train_ids_sha1": hashlib.sha1(ids.encode()).hexdigest()}
+
+
+def _same_run(a: dict, b: dict, ignore=("steps",)) -> list[str]:
+    """Keys where two settings dicts differ (``steps`` may grow when a run is extended)."""
+    return [k for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Item indices of 0-based ``step``'s batch: the concatenation of seeded per-epoch
+    permutations, cut into consecutive batches. A pure function of its arguments, so resuming at
+    any step takes exactly the batches an uninterrupted run would."""
+    if n < 1:
+        raise ValueError("no training items")
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        out.append(_epoch_order(n, seed, epoch)[i])
+    return out
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _read_state(out_dir: Path) -> tuple[Path | None, dict | None]:
+    """The newest complete checkpoint directory and its state, or (None, None)."""
+    pointer = out_dir / "latest"
+    if not pointer.is_file():
+        return None, None
+    ckpt = out_dir / pointer.read_text().strip()
+    state_file = ckpt / "state.pt"
+    if not state_file.is_file():
+        raise ValueError(f"{pointer} names {ckpt.name}, which has no state.pt; delete {out_dir} to restart")
+    return ckpt, torch.load(state_file, map_location="cpu", weights_only=True)
+
+
+def _write_checkpoint(out_dir: Path, vlm, state: dict) -> Path:
+    """Save model + state into ``ckpt-<step>``, then move the ``latest`` pointer (atomically) and
+    delete older checkpoints: a crash at any point leaves one complete checkpoint behind."""
+    ckpt = out_dir / f"ckpt-{state['step']:06d}"
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    vlm.save(ckpt / "model")
+    torch.save(state, ckpt / "state.pt")
+    atomic_write_text(out_dir / "latest", ckpt.name + "\n")
+    for old in out_dir.glob("ckpt-*"):
+        if old != ckpt:
+            shutil.rmtree(old)
+    return ckpt
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Keep the log rows up to ``step`` (rows after the checkpoint are re-done on resume)."""
+    if not log.is_file():
+        return
+    with open(log, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    atomic_write_text(log, ",".join(LOG_FIELDS) + "\n" + "".join(
+        ",".join(r[k] for k in LOG_FIELDS) + "\n" for r in rows))
+
+
+def read_log(out_dir: str | Path):
+    """The training log ``out_dir/train_log.csv`` as a DataFrame (step, loss, lr, seconds)."""
+    import pandas as pd
+
+    return pd.read_csv(Path(out_dir) / "train_log.csv")
+
+
+def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: int, lr: float,
+              batch_size: int, image_size: int | None, out_dir: str | Path, seed: int = 0,
+              log_every: int = 10, save_every: int = 100, warmup_frac: float = 0.05,
+              weight_decay: float = 0.0, grad_clip: float = 1.0, tag: dict | None = None):
+    """Fine-tune ``vlm`` on ``train_items`` with targets ``sft_targets(item, scene, variant)``.
+
+    Minimises the mean per-token ``vlm.sequence_nll`` of the targets under the ``variant`` prompt,
+    with AdamW, linear warm-up over ``warmup_frac`` of the steps then cosine decay to 0, and
+    gradient-norm clipping at ``grad_clip``. Logs every ``log_every`` steps (and the last) to
+    ``out_dir/train_log.csv`` (step, loss = mean over the logged window, lr, seconds of training
+    so far) and checkpoints every ``save_every`` steps and at the end. If ``out_dir`` holds a
+    checkpoint of the same run (same variant, lr, batch, image size, seed and training items), training
+    resumes from it: weights via ``models.load_vlm``, optimizer, scheduler and RNG state from
+    ``state.pt``. A finished run writes ``out_dir/done.json``. ``tag``: extra JSON-able settings
+    (e.g. which base model) stored with the run; a checkpoint with another tag is not resumed.
+
+    Returns the trained VLM (a new object when weights were restored from a checkpoint).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every),
+                    ("save_every", save_every)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    train_items = list(train_items)
+    if not train_items:
+        raise ValueError("train_sft: no training items")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = _settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
+                         image_size=image_size, seed=seed)
+    settings["tag"] = tag
+    targets = sft_target_list(train_items, variant)
+
+    ckpt, state = _read_state(out_dir)
+    if state is not None:
+        diff = _same_run(state["settings"], settings)
+        if diff:
+            raise ValueError(f"{out_dir} holds a checkpoint of a different run (differs in {diff}); "
+                             "use another out_dir or delete it")
+        if state["step"] > steps:
+            raise ValueError(f"{ckpt} is at step {state['step']} > steps={steps}; cannot train backwards")
+        vlm = models.load_vlm(ckpt / "model", device=vlm.device, image_size=vlm.image_size)
+        (out_dir / "done.json").unlink(missing_ok=True)
+    step = state["step"] if state else 0
+    seconds = state["seconds"] if state else 0.0
+
+    params = [p for p in vlm.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, round(warmup_frac * steps)), steps)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+    log = out_dir / "train_log.csv"
+    _truncate_log(log, step)
+    if not log.is_file():
+        atomic_write_text(log, ",".join(LOG_FIELDS) + "\n")
+
+    vlm.model.train()
+    window: list[float] = []
+    while step < steps:
+        t0 = time.perf_counter()
+        idx = batch_indices(len(train_items), batch_size, step, seed)
+        batch = [train_items[i] for i in idx]
+        images = data.load_images(batch, size=image_size)
+        loss = vlm.sequence_nll(images, batch, [targets[i] for i in idx], prompt=variant).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        lr_now = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        seconds += time.perf_counter() - t0
+        window.append(float(loss.detach()))
+        if step % log_every == 0 or step == steps:
+            with open(log, "a") as f:
+                f.write(f"{step},{sum(window) / len(window):.6f},{lr_now:.6g},{seconds:.3f}\n")
+            window = []
+        if step % save_every == 0 or step == steps:
+            state = {"step": step, "seconds": seconds, "settings": settings,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "torch_rng": torch.get_rng_state()}
+            ckpt = _write_checkpoint(out_dir, vlm, state)
+    vlm.model.eval()
+    atomic_write_text(out_dir / "done.json", json.dumps(
+        {**settings, "model": f"{ckpt.name}/model", "seconds": round(seconds, 3)}, indent=2) + "\n")
+    return vlm
+
+
+# --------------------------------------------------------------------------- cached models
+TINY_MODEL = dict(hidden_size=128, layers=2)  # build_tiny_vlm arguments of the embedded default
+
+
+def corpus_texts(items: Sequence[data.VQAItem]) -> list[str]:
+    """The texts the tiny model's tokenizer is trained on: each item's problem (question and
+    options, as the prompt shows them) and, on the embedded benchmark, its rationale."""
+    texts = [prompts.format_problem(it) for it in items]
+    if items and benchmark_root(items[0]) is not None:
+        texts += [synth.rationale(it, sc) for it, sc in zip(items, scenes_for(items))]
+    return texts
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _base_plan(corpus_items, image_size, seed, model_kwargs) -> tuple[list[str], dict, dict]:
+    """(tokenizer corpus, build_tiny_vlm kwargs, metadata that identifies the tiny base)."""
+    kwargs = {**TINY_MODEL, **(model_kwargs or {}), "image_size": image_size}
+    corpus = corpus_texts(list(corpus_items))
+    return corpus, kwargs, {"seed": seed, "model_kwargs": kwargs, "corpus_sha1": _fingerprint(corpus)}
+
+
+def ensure_base(models_dir: str | Path, corpus_items: Sequence[data.VQAItem], *, image_size: int,
+                seed: int = 0, model_path: str | Path | None = None, model_kwargs: dict | None = None,
+                device=None):
+    """The untrained starting point both SFT variants share.
+
+    With ``model_path`` (paper profile): that local Qwen2-VL / Qwen2.5-VL checkpoint, loaded with
+    ``models.load_vlm``. Otherwise the tiny model, built once by ``models.build_tiny_vlm`` (tokenizer
+    trained on ``corpus_texts(corpus_items)``; ``model_kwargs`` default ``TINY_MODEL``) and cached in
+    ``<models_dir>/base`` (rebuilt if its settings differ). Always returns a fresh copy from disk.
+    """
+    from .paths import resolve
+
+    if model_path:
+        return models.load_vlm(resolve(model_path), device=device, image_size=image_size)
+    corpus, kwargs, meta = _base_plan(corpus_items, image_size, seed, model_kwargs)
+    base_dir = resolve(models_dir) / "base"
+    if _read_json(base_dir / "done.json") != meta:
+        if base_dir.exists():
+            shutil.rmtree(base_dir)
+        vlm = models.build_tiny_vlm(corpus, seed=seed, **kwargs)
+        vlm.save(base_dir / "model")
+        atomic_write_text(base_dir / "done.json", json.dumps(meta, indent=2) + "\n")
+    return models.load_vlm(base_dir / "model", device=device)
+
+
+def base_id(models_dir: str | Path, model_path: str | Path | None = None) -> str:
+    """A short id of the base ``ensure_base`` returns (the SFT caches record it): ``model_path``
+    itself, or a fingerprint of the cached tiny base's settings and tokenizer corpus."""
+    from .paths import resolve
+
+    if model_path:
+        return str(resolve(model_path))
+    return _fingerprint(_read_json(resolve(models_dir) / "base" / "done.json"))
+
+
+def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.VQAItem], *,
+               image_size: int, steps: int, lr: float, batch_size: int, seed: int = 0,
+               corpus_items: Sequence[data.VQAItem] | None = None, model_path: str | Path | None = None,
+               model_kwargs: dict | None = None, log_every: int = 10, save_every: int = 100, device=None):
+    """The SFT model of ``variant``, trained once and cached in ``<models_dir>/sft-<variant>``.
+
+    If ``done.json`` there records the same settings and the same base (the tiny base's settings
+    and tokenizer corpus, or ``model_path``), the model is loaded; a matching unfinished run is
+    resumed; anything else is deleted and trained afresh from
+    ``ensure_base(models_dir, corpus_items or train_items, ...)``.
+    """
+    from .paths import resolve
+
+    train_items = list(train_items)
+    corpus_items = corpus_items if corpus_items is not None else train_items
+    base = str(resolve(model_path)) if model_path else \
+        _fingerprint(_base_plan(corpus_items, image_size, seed, model_kwargs)[2])
+    out_dir = resolve(models_dir) / f"sft-{variant}"
+    settings = {**_settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
+                            image_size=image_size, seed=seed), "tag": {"base": base}}
+    done = _read_json(out_dir / "done.json")
+    if done is not None and all(done.get(k) == v for k, v in settings.items()):
+        return models.load_vlm(out_dir / done["model"], device=device)
+    _, state = _read_state(out_dir) if (out_dir / "latest").is_file() else (None, None)
+    if out_dir.exists() and (state is None or _same_run(state["settings"], settings)
+                             or state["step"] > steps):
+        shutil.rmtree(out_dir)  # a stale cache of other settings
+    vlm = ensure_base(models_dir, corpus_items, image_size=image_size, seed=seed, model_path=model_path,
+                      model_kwargs=model_kwargs, device=device)
+    return train_sft(vlm, train_items, variant=variant, steps=steps, lr=lr, batch_size=batch_size,
+                     image_size=image_size, out_dir=out_dir, seed=seed, log_every=log_every,
+                     save_every=save_every, tag=settings["tag"])

@@ -1,0 +1,159 @@
+"""SFT: target format, loss goes down, resumable training, cached models."""
+import json
+
+import pytest
+import torch
+
+from safemed_lib import data, models, prompts, sft, synth
+
+SIZE = 56
+TINY = dict(hidden_size=64, vocab_size=700)
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    root = synth.ensure_benchmark(tmp_path_factory.mktemp("bench"), n_images=16, seed=0, size=SIZE)
+    return data.load_omnimedvqa(root)
+
+
+@pytest.fixture(scope="module")
+def base_dir(items, tmp_path_factory):
+    """One saved untrained model; every test loads its own copy."""
+    models_dir = tmp_path_factory.mktemp("models")
+    sft.ensure_base(models_dir, items, image_size=SIZE, model_kwargs=TINY)
+    return models_dir / "base" / "model"
+
+
+def _weights(vlm):
+    return {k: v.detach().clone() for k, v in vlm.model.state_dict().items()}
+
+
+def _log_steps(out_dir):
+    return sft.read_log(out_dir)["step"].tolist()
+
+
+class CountingNLL:
+    """Counts VLM.sequence_nll calls (training steps); optionally fails on call ``fail_at``."""
+
+    def __init__(self, monkeypatch, fail_at=None):
+        self.calls, self.fail_at, orig = 0, fail_at, models.VLM.sequence_nll
+
+        def wrapped(vlm, *a, **kw):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise KeyboardInterrupt("simulated kill")
+            return orig(vlm, *a, **kw)
+
+        monkeypatch.setattr(models.VLM, "sequence_nll", wrapped)
+
+
+def test_targets_pass_format_reward_and_parse(items):
+    scenes = sft.scenes_for(items)
+    assert {it.question_type for it in items} == set(data.QUESTION_TYPES)
+    for it, scene in zip(items, scenes):
+        think = sft.sft_targets(it, scene, "think")
+        nothink = sft.sft_targets(it, None, "nothink")
+        assert prompts.format_reward([think], mode="think") == [1.0]
+        assert prompts.format_reward([nothink], mode="nothink") == [1.0]
+        assert prompts.format_reward([nothink], mode="think") == [0.0]
+        assert prompts.parse_answer(think, len(it.options)) == it.answer
+        assert prompts.parse_answer(nothink, len(it.options)) == it.answer
+        assert synth.rationale(it, scene) in think
+    with pytest.raises(ValueError, match="scene"):
+        sft.sft_targets(items[0], None, "think")
+    with pytest.raises(ValueError, match="variant"):
+        sft.sft_targets(items[0], None, "chat")
+
+
+def test_a_few_steps_reduce_the_loss(items, base_dir, tmp_path):
+    vlm = models.load_vlm(base_dir)
+    batch = items[:8]
+    images = data.load_images(batch, size=SIZE)
+    targets = sft.sft_target_list(batch, "think")
+    with torch.no_grad():
+        before = vlm.sequence_nll(images, batch, targets, prompt="think").mean().item()
+    vlm = sft.train_sft(vlm, batch, variant="think", steps=12, lr=1e-2, batch_size=4, image_size=SIZE,
+                        out_dir=tmp_path / "run", log_every=4, save_every=100)
+    with torch.no_grad():
+        after = vlm.sequence_nll(images, batch, targets, prompt="think").mean().item()
+    assert after < 0.7 * before, (before, after)
+    log = sft.read_log(tmp_path / "run")
+    assert list(log["step"]) == [4, 8, 12] and list(log.columns) == list(sft.LOG_FIELDS)
+    assert log["loss"].iloc[-1] < log["loss"].iloc[0]
+    done = json.loads((tmp_path / "run" / "done.json").read_text())
+    assert done["steps"] == 12 and done["variant"] == "think"
+
+
+def test_interrupted_run_resumes_exactly(items, base_dir, tmp_path, monkeypatch):
+    kw = dict(variant="nothink", steps=6, lr=2e-3, batch_size=3, image_size=SIZE, log_every=1, save_every=2)
+    reference = sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "a", **kw)
+
+    killed = CountingNLL(monkeypatch, fail_at=5)  # dies inside step 5; the last checkpoint is step 4
+    with pytest.raises(KeyboardInterrupt):
+        sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "b", **kw)
+    assert (tmp_path / "b" / "latest").read_text().strip() == "ckpt-000004"
+    assert not (tmp_path / "b" / "done.json").exists()
+
+    resumed = CountingNLL(monkeypatch)
+    vlm = sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "b", **kw)
+    assert resumed.calls == 2  # steps 5 and 6 only
+    assert _log_steps(tmp_path / "b") == [1, 2, 3, 4, 5, 6]
+    ref, got = _weights(reference), _weights(vlm)
+    assert all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref)
+    untrained = _weights(models.load_vlm(base_dir))
+    assert any(not torch.equal(untrained[k], got[k]) for k in got)  # it did train
+
+
+def test_fewer_then_more_steps_continues(items, base_dir, tmp_path, monkeypatch):
+    kw = dict(variant="nothink", lr=2e-3, batch_size=3, image_size=SIZE, log_every=1, save_every=100,
+              out_dir=tmp_path / "run")
+    counter = CountingNLL(monkeypatch)
+    sft.train_sft(models.load_vlm(base_dir), items, steps=3, **kw)
+    assert counter.calls == 3
+    vlm = sft.train_sft(models.load_vlm(base_dir), items, steps=3, **kw)  # finished: nothing to do
+    assert counter.calls == 3
+    sft.train_sft(vlm, items, steps=7, **kw)
+    assert counter.calls == 7
+    assert _log_steps(tmp_path / "run") == list(range(1, 8))
+    assert json.loads((tmp_path / "run" / "done.json").read_text())["steps"] == 7
+    with pytest.raises(ValueError, match="different run"):
+        sft.train_sft(vlm, items, steps=8, **{**kw, "lr": 1e-3})
+    with pytest.raises(ValueError, match="backwards"):
+        sft.train_sft(vlm, items, steps=5, **kw)
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    n, bs = 10, 4
+    order = [i for step in range(5) for i in sft.batch_indices(n, bs, step, seed=1)]
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))  # epochs
+    assert sft.batch_indices(n, bs, 3, seed=1) == order[12:16]
+    assert sft.batch_indices(n, bs, 0, seed=1) != sft.batch_indices(n, bs, 0, seed=2)
+
+
+def test_ensure_sft_shares_one_base_and_caches(items, tmp_path, monkeypatch):
+    builds = []
+    orig = models.build_tiny_vlm
+    monkeypatch.setattr(models, "build_tiny_vlm", lambda *a, **k: builds.append(1) or orig(*a, **k))
+    kw = dict(image_size=SIZE, steps=2, lr=1e-3, batch_size=2, model_kwargs=TINY)
+    think = sft.ensure_sft(tmp_path, "think", items, **kw)
+    nothink = sft.ensure_sft(tmp_path, "nothink", items, **kw)
+    assert len(builds) == 1  # one base, one tokenizer for both variants
+    assert think.tokenizer.get_vocab() == nothink.tokenizer.get_vocab()
+    for v in ("think", "nothink"):
+        assert json.loads((tmp_path / f"sft-{v}" / "done.json").read_text())["variant"] == v
+
+    def no_training(*a, **k):
+        raise AssertionError("should load the cached model")
+
+    monkeypatch.setattr(sft, "train_sft", no_training)
+    again = sft.ensure_sft(tmp_path, "think", items, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(again).values(), _weights(think).values()))
+    with pytest.raises(AssertionError, match="cached"):  # other settings: trained afresh
+        sft.ensure_sft(tmp_path, "think", items, **{**kw, "steps": 3, "lr": 2e-3})
+
+
+def test_base_id_matches_the_recorded_tag(items, tmp_path):
+    kw = dict(image_size=SIZE, steps=1, lr=1e-3, batch_size=2, model_kwargs=TINY)
+    sft.ensure_sft(tmp_path, "nothink", items, **kw)
+    done = json.loads((tmp_path / "sft-nothink" / "done.json").read_text())
+    assert done["tag"] == {"base": sft.base_id(tmp_path)}
