@@ -46,7 +46,7 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=.
 
 bench: $(STAMP)
-	@for s in benchmarks/bench_*.py; do echo "== $$s"; $(PY) $$s || exit 1; done
+	$(PY) benchmarks/run.py $(ARGS)
 
 clean-runs:
 	rm -rf runs
