@@ -1,0 +1,145 @@
+"""GPU check: a real-size Qwen2-VL-2B (random weights) trained with GRPO and AT-GRPO at 392x392, bf16.
+
+No download: the model is built from a config with Qwen2-VL-2B-Instruct's dimensions (text:
+hidden 1536, 28 layers, 12 heads / 2 KV heads, MLP 8960, vocabulary 151,936, tied embeddings;
+vision: 32 blocks, width 1280, 16 heads, MLP ratio 4, patch 14, merge 2) around the tiny
+model's tokenizer and processor (random weights emit ids outside the tiny vocabulary; they decode
+to nothing, so rewards are 0 and completions run to the full length: a worst-case timing).
+Records seconds per step (median after a warm-up step) and peak GPU memory for a few GRPO and
+AT-GRPO steps (PGD 8/255, step 2/255, ``--pgd-steps`` steps, half the questions attacked).
+
+Without a CUDA device it writes a "skipped" record with the reason and exits 0;
+``--cpu-smoke`` runs the same code path on the CPU with a 2-layer model of the same widths
+(checks the script, not the timings).
+
+    python benchmarks/gpu_check.py            # on a GPU machine
+    python benchmarks/gpu_check.py --cpu-smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QWEN2_VL_2B = dict(
+    text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+              num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+              mrope_section=[16, 24, 24], tie_word_embeddings=True),
+    vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+                temporal_patch_size=2),
+)
+
+
+def build_model(layers: int | None, vision_depth: int | None, dtype, image_size: int):
+    """A Qwen2-VL-2B-sized VLM with random weights (optionally fewer layers for the CPU smoke run)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from safemed_lib import models
+
+    tiny = models.build_tiny_vlm(["a question", "an answer"], image_size=image_size)  # tokenizer + processor
+    tok = tiny.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in models.SPECIAL_TOKENS}
+    t, v = QWEN2_VL_2B["text"], QWEN2_VL_2B["vision"]
+    text = dict(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+                num_hidden_layers=layers or t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+                num_key_value_heads=t["num_key_value_heads"], max_position_embeddings=t["max_position_embeddings"],
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                tie_word_embeddings=t["tie_word_embeddings"],
+                rope_parameters={"rope_type": "default", "rope_theta": t["rope_theta"],
+                                 "mrope_section": t["mrope_section"]})
+    vision = dict(v, depth=vision_depth or v["depth"], hidden_size=t["hidden_size"])
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids[models.IMAGE_TOKEN],
+                           video_token_id=ids[models.VIDEO_TOKEN], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=t["tie_word_embeddings"])
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config).to(dtype)
+    return models.VLM(model, tiny.processor, arch="qwen2_vl", image_size=image_size)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--image-size", type=int, default=392)
+    ap.add_argument("--batch-size", type=int, default=8, help="completions per step (questions x G)")
+    ap.add_argument("--g", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--pgd-steps", type=int, default=10)
+    ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--cpu-smoke", action="store_true", help="2 text layers, 2 vision blocks, 56 px, on the CPU")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from safemed_lib import grpo, workbook
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "gpu_check_cpu_smoke" if args.cpu_smoke else "gpu_check"
+    record = {"benchmark": name, "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        record.update(status="skipped", reason="no CUDA device visible to torch "
+                      f"(torch {torch.__version__}, cuda build: {torch.version.cuda}); run it on a GPU machine")
+        (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"SKIPPED: {record['reason']}")
+        return record
+
+    if args.cpu_smoke:
+        device, dtype, size, layers, depth, steps = "cpu", torch.float32, 56, 2, 2, 2
+        torch.set_num_threads(1)
+    else:
+        device, dtype, size, layers, depth, steps = "cuda", torch.bfloat16, args.image_size, None, None, args.steps
+        record["gpu"] = torch.cuda.get_device_name(0)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        train, _ = workbook.dataset(None, tmp / "bench", 40, size, 0)
+        for kind in ("grpo", "at-grpo"):
+            vlm = build_model(layers, depth, dtype, size).to(device)
+            n_params = sum(p.numel() for p in vlm.model.parameters())
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            adv = None if kind == "grpo" else dict(eps=8 / 255, alpha=2 / 255, steps=args.pgd_steps, fraction=0.5,
+                                                   measure_success=False)
+            t0 = time.perf_counter()
+            vlm = grpo.train_grpo(vlm, train, mode="think", steps=steps, lr=1e-6, num_generations=args.g,
+                                  batch_size=args.batch_size, beta=0.04, max_completion_length=args.max_len,
+                                  out_dir=tmp / kind, resume=False, save_steps=10 ** 6, device=device,
+                                  lora=True if args.lora else None,
+                                  gradient_checkpointing=args.gradient_checkpointing, image_size=size)
+            wall = time.perf_counter() - t0
+            log = grpo.read_log(tmp / kind)
+            times = log["step_time"].tolist()
+            run = {"kind": kind, "params": n_params, "steps": len(times), "wall_s": wall,
+                   "step_s_median": statistics.median(times[1:] or times), "step_s_all": times,
+                   "completion_length": float(log["completion_length"].mean())}
+            if "adv_seconds" in log:
+                run["attack_s_median"] = float(log["adv_seconds"].dropna().median())
+            if device == "cuda":
+                run["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            runs.append(run)
+            del vlm
+    record.update(status="ok", device=device, dtype=str(dtype), image_size=size, runs=runs)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"# {name}: Qwen2-VL-2B-sized random model, {size}x{size}, {record['dtype']}, {device}", "",
+             "| run | params | step (s, median) | attack (s) | peak memory (GiB) |", "|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['kind']} | {r['params'] / 1e9:.2f} B | {r['step_s_median']:.2f} | "
+                     f"{r.get('attack_s_median', 0):.2f} | {r.get('peak_memory_gib', float('nan')):.1f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return record
+
+
+if __name__ == "__main__":
+    main()
