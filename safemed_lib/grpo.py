@@ -45,6 +45,7 @@ from PIL import Image
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
+from accelerate import PartialState
 from trl import GRPOConfig, GRPOTrainer
 
 from . import attacks, data, prompts
@@ -507,12 +508,14 @@ def train_grpo(vlm, train_items: Sequence[data.VQAItem], *, mode: str = "think",
     elif beta > 0:
         # TRL builds the KL reference with from_pretrained(config._name_or_path): point it at a saved
         # copy of the STARTING weights (kept on resume, so the reference never moves).
+        # Under accelerate the main process writes it while the others wait, then they find it.
         ref = out_dir / "ref"
-        if not (ref / "config.json").is_file():
-            if get_last_checkpoint(str(out_dir)) is not None:
-                raise RuntimeError(f"{out_dir} has checkpoints but no ref/ (the KL reference); remove the run "
-                                   "directory to start over")
-            vlm.save(ref)
+        with PartialState().main_process_first():
+            if not (ref / "config.json").is_file():
+                if get_last_checkpoint(str(out_dir)) is not None:
+                    raise RuntimeError(f"{out_dir} has checkpoints but no ref/ (the KL reference); remove the "
+                                       "run directory to start over")
+                vlm.save(ref)
         vlm.model.config._name_or_path = str(ref)
 
     config = grpo_config(out_dir, steps=steps, lr=lr, num_generations=num_generations, batch_size=batch_size,
