@@ -489,7 +489,11 @@ def load_vlm(path: str | Path, device: str | torch.device | None = None, dtype: 
     ``dtype``: e.g. torch.float32 / "bfloat16" (default: the checkpoint's). ``lora``: a dict of
     ``peft.LoraConfig`` arguments to attach a new adapter, or the path of a saved adapter.
     ``image_size`` overrides the saved side (real checkpoints have none recorded).
+    ``device``: default ``$SAFEMED_DEVICE`` (the profile's ``device``, which ``safemed_lib.reproduce``
+    exports to the notebooks' kernels: "cuda" on the paper profile), else where the weights load (CPU).
     """
+    import os
+
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -510,6 +514,7 @@ def load_vlm(path: str | Path, device: str | torch.device | None = None, dtype: 
     model = _model_class(arch).from_pretrained(path, dtype=dtype or "auto", use_safetensors=True,
                                                 trust_remote_code=False)
     model.eval()
+    device = device or os.environ.get("SAFEMED_DEVICE") or None
     if device is not None:
         model.to(device)
     vlm = VLM(model, processor, arch=arch, image_size=image_size or settings.get("image_size"))

@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     # Kernels inherit the environment: one torch thread unless the profile says otherwise.
     os.environ.setdefault("OMP_NUM_THREADS", str(params.get("threads", 1)))
+    if params.get("device"):  # models.load_vlm puts every loaded model there (paper profile: cuda)
+        os.environ.setdefault("SAFEMED_DEVICE", str(params["device"]))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
