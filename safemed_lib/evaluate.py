@@ -117,14 +117,7 @@ def evaluate(vlm, items: Sequence[data.VQAItem], *, prompt: str = "nothink", ima
                 "perturbed": perturb is not None}
 
     records = Records(records_path) if records_path is not None else None
-    done: dict[str, dict] = {}
-    if records is not None:
-        for rec in records:
-            for k in _SETTINGS:
-                if rec.get(k) != settings[k]:
-                    raise ValueError(f"{records.path}: record {rec.get('key')!r} has {k}={rec.get(k)!r} "
-                                     f"but this run has {k}={settings[k]!r}; use another records_path")
-            done[rec["key"]] = rec
+    done = records.load_run({k: settings[k] for k in _SETTINGS}) if records is not None else {}
     todo = [it for it in items if it.question_id not in done]
     rows: dict[str, dict] = dict(done)
 

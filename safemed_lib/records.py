@@ -45,6 +45,18 @@ class Records:
     def load(self) -> list[dict[str, Any]]:
         return list(self)
 
+    def load_run(self, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The records already written, by key, after checking that each one was written with the
+        same ``settings`` (a records file must never mix two runs)."""
+        out = {}
+        for rec in self:
+            for k, v in settings.items():
+                if rec.get(k) != v:
+                    raise ValueError(f"{self.path}: record {rec.get('key')!r} has {k}={rec.get(k)!r} but this "
+                                     f"run has {k}={v!r}; use another records_path")
+            out[rec["key"]] = rec
+        return out
+
     def done(self) -> set[str]:
         """Keys of the records already written."""
         return {r["key"] for r in self}

@@ -350,14 +350,7 @@ def certify_items(vlm, items, *, sigma: float, n0: int, n: int, alpha: float, me
                 "prompt": prompt, "image_size": image_size, "seed": seed,
                 "max_new_tokens": max_new_tokens if method == "generate" else None, "model": model_id}
     records = Records(records_path) if records_path is not None else None
-    rows: dict[str, dict] = {}
-    if records is not None:
-        for rec in records:
-            for k in _SETTINGS:
-                if rec.get(k) != settings[k]:
-                    raise ValueError(f"{records.path}: record {rec.get('key')!r} has {k}={rec.get(k)!r} but "
-                                     f"this run has {k}={settings[k]!r}; use another records_path")
-            rows[rec["key"]] = rec
+    rows = records.load_run({k: settings[k] for k in _SETTINGS}) if records is not None else {}
     device = getattr(vlm, "device", "cpu")
     vlm.model.eval()
     todo = [it for it in items if it.question_id not in rows]

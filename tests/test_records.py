@@ -36,3 +36,11 @@ def test_record_needs_a_key_and_bad_lines_are_named(tmp_path):
 def test_atomic_write_text(tmp_path):
     p = atomic_write_text(tmp_path / "sub" / "t.md", "hello")
     assert p.read_text() == "hello" and not list(p.parent.glob(".*tmp*"))
+
+
+def test_load_run_refuses_a_file_of_another_run(tmp_path):
+    r = Records(tmp_path / "r.jsonl")
+    r.append({"key": "q0", "sigma": 0.25, "pred": 1})
+    assert r.load_run({"sigma": 0.25}) == {"q0": {"key": "q0", "sigma": 0.25, "pred": 1}}
+    with pytest.raises(ValueError, match="sigma=0.25 but this run has sigma=0.5"):
+        r.load_run({"sigma": 0.5})
