@@ -24,3 +24,4 @@ def test_recorded_claim_appears_with_verdict_and_profile(tmp_path):
 def test_unknown_claim_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown claim"):
         report.record_claim("nope", "1", True, profile="x", results=tmp_path)
+
