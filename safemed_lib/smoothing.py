@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import numbers
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -34,6 +33,8 @@ import pandas as pd
 import torch
 from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
+
+from .attacks import item_seed, model_digest
 
 ABSTAIN = -1
 
@@ -301,21 +302,15 @@ _SETTINGS = ("sigma", "n0", "n", "alpha", "method", "prompt", "image_size", "see
 
 
 def model_fingerprint(vlm) -> str:
-    """A short id of a model's weights (shapes and float64 sums of every parameter): records of a
-    certification run are only reused for the same weights."""
-    import hashlib
-
-    h = hashlib.sha1()
-    with torch.no_grad():
-        for name, p in vlm.model.named_parameters():
-            h.update(f"{name}{tuple(p.shape)}{float(p.double().sum()):.10e}".encode())
-    return h.hexdigest()[:16]
+    """A short id of a model's exact weights (``attacks.model_digest``): records of a certification
+    run are only reused for the same weights."""
+    return model_digest(vlm.model)
 
 
 def item_generator(seed: int, question_id: str, device="cpu") -> torch.Generator:
-    """A generator seeded from (seed, question_id): an item's noise does not depend on the order
-    of items or on where an interrupted run resumed."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(question_id.encode())) % 2**62)
+    """A generator seeded from (seed, question_id) (``attacks.item_seed``): an item's noise does not
+    depend on the order of items or on where an interrupted run resumed."""
+    return torch.Generator(device=device).manual_seed(item_seed(seed, question_id))
 
 
 def certify_items(vlm, items, *, sigma: float, n0: int, n: int, alpha: float, method: str = "logprob",
