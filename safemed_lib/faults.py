@@ -121,7 +121,7 @@ def run(workdir: str | Path, *, n_images: int = 16, size: int = 56, vlm=None) ->
     return (one row per injected fault with its outcome, totals). ``vlm``: a model to evaluate the
     loaded items with (default: an untrained tiny model); what it answers does not matter here,
     only that every loaded item comes out of evaluation with a row."""
-    from . import evaluate, models
+    from . import evaluate, models, sft
 
     workdir = Path(workdir)
     if workdir.exists():
@@ -154,7 +154,9 @@ def run(workdir: str | Path, *, n_images: int = 16, size: int = 56, vlm=None) ->
         rows.append(dict(stage="file", fault=name, injected=what, expected="file reported", outcome=outcome,
                          ok=fname in bad, detail=bad.get(fname, "")))
 
-    vlm = vlm or models.build_tiny_vlm(sft_corpus(list(res)), seed=0, image_size=size)
+    if vlm is None:  # the tokenizer learns the benchmark's texts (the fault records have no scene)
+        vlm = models.build_tiny_vlm(sft.corpus_texts([it for it in res if it.dataset != DATASET]), seed=0,
+                                    image_size=size)
     df = evaluate.evaluate(vlm, list(res), prompt="nothink", image_size=size, method="logprob", batch_size=16)
     item = next(it for it in res if len(it.options) == 4)
     for name, text in OUTPUT_FAULTS.items():
@@ -168,18 +170,15 @@ def run(workdir: str | Path, *, n_images: int = 16, size: int = 56, vlm=None) ->
     totals = dict(records=res.n_records, expected_records=n_records, loaded=len(res), skipped=len(res.skipped),
                   unknown_modality=len(res.unknown_modality), bad_files=len(res.bad_files),
                   evaluated=len(df), faults=len(table), faults_as_expected=int(table["ok"].sum()))
-    totals["lost"] = (totals["expected_records"] - totals["loaded"] - totals["skipped"] - totals["unknown_modality"]
-                      + totals["loaded"] - totals["evaluated"] + int((table["outcome"] == "LOST").sum()))
+    unaccounted = totals["expected_records"] - totals["loaded"] - totals["skipped"] - totals["unknown_modality"]
+    not_evaluated = totals["loaded"] - totals["evaluated"]
+    totals["lost"] = unaccounted + not_evaluated + int((table["outcome"] == "LOST").sum())
     return table, totals
 
 
 def _image_note(item: data.VQAItem, size: int) -> str:
     x = data.load_image(item.image_path, size=size)
     return f"RGB {tuple(x.shape)}, range [{x.min():.2f}, {x.max():.2f}]"
-
-
-def sft_corpus(items) -> list[str]:
-    return [prompts.build_prompt(it, m) for it in items for m in prompts.MODES]
 
 
 def main() -> None:

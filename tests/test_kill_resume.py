@@ -7,7 +7,7 @@ import sys
 import textwrap
 import time
 
-from safemed_lib import data, evaluate, faults, models, synth
+from safemed_lib import data, evaluate, models, sft, synth
 
 SCRIPT = textwrap.dedent("""
     import sys, torch
@@ -25,7 +25,7 @@ def test_evaluation_resumes_after_kill_9(tmp_path):
     root = synth.make_benchmark(tmp_path / "bench", n_images=16, seed=0, size=56)
     items = list(data.load_omnimedvqa(root))
     model_dir = tmp_path / "model"
-    models.build_tiny_vlm(faults.sft_corpus(items), seed=0, image_size=56).save(model_dir)
+    models.build_tiny_vlm(sft.corpus_texts(items), seed=0, image_size=56).save(model_dir)
     records = tmp_path / "eval.jsonl"
 
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -70,12 +70,10 @@ TRAIN = textwrap.dedent("""
 def test_training_resumes_after_kill_9_to_the_same_weights(tmp_path):
     import torch
 
-    from safemed_lib import sft
-
     root = synth.make_benchmark(tmp_path / "bench", n_images=16, seed=0, size=56)
     items = list(data.load_omnimedvqa(root))
     base = tmp_path / "base"
-    models.build_tiny_vlm(faults.sft_corpus(items), seed=0, image_size=56).save(base)
+    models.build_tiny_vlm(sft.corpus_texts(items), seed=0, image_size=56).save(base)
     steps, out = 40, tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-c", TRAIN, str(root), str(base), str(out), str(steps)], env=env,
