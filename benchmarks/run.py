@@ -21,6 +21,7 @@ SCRIPTS = {  # name -> (script, args, args with --quick, its Markdown output)
     "certify": ("bench_certify.py", [], ["--repeats", "1"], "bench_certify.md"),
     "train": ("bench_train.py", [], ["--steps", "3"], "bench_train.md"),
     "cost": ("bench_cost.py", [], ["--quick"], "cost.md"),
+    "opt": ("bench_opt.py", [], ["--repeats", "3"], "bench_opt.md"),
     "gpu": ("gpu_check.py", [], [], "gpu_check.md"),
 }
 

@@ -34,6 +34,7 @@ ARCHS = ("qwen2_vl", "qwen2_5_vl")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
+PROMPT_CACHE_SIZE = 4096  # tokenized prompts a VLM keeps (VLM.prompt_ids)
 # Qwen2's pre-tokenizer regex, so the tiny tokenizer splits text like the real one does.
 QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -114,6 +115,9 @@ class VLM:
         self._mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(ip.image_std, dtype=torch.float32).view(3, 1, 1)
         self._letter_ids: dict[str, int] | None = None
+        # Memo of tokenized chat prompts (see prompt_ids); ``cache_prompts=False`` turns it off.
+        self.cache_prompts = True
+        self._prompt_ids: dict[tuple[str, int], list[int]] = {}
 
     # ------------------------------------------------------------------ basics
     @property
@@ -149,20 +153,26 @@ class VLM:
         if isinstance(images, torch.Tensor):
             if images.dim() != 4 or images.shape[1] != 3:
                 raise ValueError(f"images must be (B,3,H,W), got shape {tuple(images.shape)}")
-            images = list(images)
+            if not images.is_floating_point():
+                raise ValueError(f"images must be a float tensor in [0,1], got {images.dtype}")
+            # one batched reshape for a same-size batch (the common case; no per-image loop)
+            p, grid = self._patchify(images, "in the batch")
+            return p, torch.tensor([grid] * images.shape[0], dtype=torch.long, device=p.device)
         rows, grids = [], []
         for i, x in enumerate(images):
             if x.dim() != 3 or x.shape[0] != 3:
                 raise ValueError(f"image {i} must be (3,H,W), got shape {tuple(x.shape)}")
             if not x.is_floating_point():
                 raise ValueError(f"image {i} must be a float tensor in [0,1], got {x.dtype}")
-            p, grid = self._patchify(x, i)
+            p, grid = self._patchify(x[None], i)
             rows.append(p)
             grids.append(grid)
         return torch.cat(rows), torch.tensor(grids, dtype=torch.long, device=rows[0].device)
 
-    def _patchify(self, x: torch.Tensor, index: int) -> tuple[torch.Tensor, list[int]]:
-        C, H, W = x.shape
+    def _patchify(self, x: torch.Tensor, index) -> tuple[torch.Tensor, list[int]]:
+        """(B,C,H,W) same-size images -> (B*H*W/196, C*2*14*14) rows, image after image, and the
+        (1, H/14, W/14) grid they share. ``index`` names the image(s) in errors."""
+        B, C, H, W = x.shape
         if H % self.factor or W % self.factor:
             raise ValueError(f"image {index} is {H}x{W}; height and width must be multiples of {self.factor} "
                              f"(load it with data.load_image(path, size=...) to resize onto the grid)")
@@ -174,9 +184,10 @@ class VLM:
             x = x.float()  # normalize in float32 like the HF processor; _encode casts to the model dtype
         x = (x - self._mean.to(x)) / self._std.to(x)
         gh, gw = H // ps, W // ps
-        p = x.reshape(C, gh // m, m, ps, gw // m, m, ps).permute(1, 4, 2, 5, 0, 3, 6)  # merge windows first
-        p = p.unsqueeze(5).expand(*p.shape[:5], tps, ps, ps)  # the frame repeated in time
-        return p.reshape(gh * gw, C * tps * ps * ps), [1, gh, gw]
+        # (B, gh/m, gw/m, m, m, C, ps, ps): merge windows first, image after image
+        p = x.reshape(B, C, gh // m, m, ps, gw // m, m, ps).permute(0, 2, 5, 3, 6, 1, 4, 7)
+        p = p.unsqueeze(6).expand(*p.shape[:6], tps, ps, ps)  # the frame repeated in time
+        return p.reshape(B * gh * gw, C * tps * ps * ps), [1, gh, gw]
 
     # ------------------------------------------------------------ chat formatting
     def chat_prompt(self, item: Any, mode: str, n_image_tokens: int = 1) -> str:
@@ -189,6 +200,26 @@ class VLM:
             raise ValueError(f"chat template produced {text.count(IMAGE_TOKEN)} image placeholders, expected 1")
         return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)
 
+    def prompt_ids(self, item: Any, mode: str, n_image_tokens: int) -> list[int]:
+        """Token ids of ``chat_prompt(item, mode, n_image_tokens)``.
+
+        Memoized on (the user text, the number of image tokens): an attack or a certification
+        scores the same prompt tens to thousands of times with other pixels, and rendering the
+        chat template and tokenizing it each time costs about as much as the tiny model's forward
+        pass over a few items (``benchmarks/bench_opt.py`` measures it). The memo holds at most
+        ``PROMPT_CACHE_SIZE`` prompts (cleared when full); it never changes a result.
+        """
+        if not self.cache_prompts:
+            return self.tokenizer(self.chat_prompt(item, mode, n_image_tokens), add_special_tokens=False)["input_ids"]
+        key = (prompts.build_prompt(item, mode), int(n_image_tokens))
+        ids = self._prompt_ids.get(key)
+        if ids is None:
+            if len(self._prompt_ids) >= PROMPT_CACHE_SIZE:
+                self._prompt_ids.clear()
+            ids = self._prompt_ids[key] = self.tokenizer(
+                self.chat_prompt(item, mode, n_image_tokens), add_special_tokens=False)["input_ids"]
+        return ids
+
     def _encode(self, images, items: Sequence[Any], mode: str, suffixes: Sequence[list[int]] | None = None,
                 ) -> tuple[dict, list[int]]:
         """Left-padded model inputs for image + prompt (+ optional token suffixes per row).
@@ -200,8 +231,7 @@ class VLM:
             raise ValueError(f"{grid.shape[0]} images for {len(items)} items")
         n_tokens = (grid.prod(-1) // self.merge_size ** 2).tolist()
         tok = self.tokenizer
-        rows = [tok(self.chat_prompt(it, mode, n), add_special_tokens=False)["input_ids"]
-                for it, n in zip(items, n_tokens)]
+        rows = [self.prompt_ids(it, mode, n) for it, n in zip(items, n_tokens)]
         suffixes = [list(s) for s in suffixes] if suffixes is not None else [[] for _ in rows]
         rows = [r + s for r, s in zip(rows, suffixes)]
         T = max(map(len, rows))

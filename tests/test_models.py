@@ -72,6 +72,34 @@ def test_preprocess_list_of_sizes_and_errors(vlm):
         vlm.preprocess(torch.zeros(1, 3, 56, 56, dtype=torch.uint8))
 
 
+def test_batched_preprocess_equals_the_per_image_path_and_keeps_gradients(vlm):
+    x = images(3, 112, 56, seed=3).requires_grad_(True)
+    pv, grid = vlm.preprocess(x)  # one batched reshape
+    pv_list, grid_list = vlm.preprocess(list(x))  # image by image
+    assert torch.equal(pv, pv_list) and grid.tolist() == grid_list.tolist() == [[1, 8, 4]] * 3
+    (g,) = torch.autograd.grad(pv.sum(), x)
+    assert g.abs().sum() > 0
+
+
+def test_prompt_ids_are_memoized_and_equal_fresh_tokenization(vlm, monkeypatch):
+    fresh = vlm.tokenizer(vlm.chat_prompt(ITEMS[0], "think", 4), add_special_tokens=False)["input_ids"]
+    vlm._prompt_ids.clear()
+    calls = []
+    render = vlm.chat_prompt
+    monkeypatch.setattr(vlm, "chat_prompt", lambda *a, **k: calls.append(a) or render(*a, **k))
+    assert vlm.prompt_ids(ITEMS[0], "think", 4) == fresh
+    assert vlm.prompt_ids(ITEMS[0], "think", 4) == fresh and len(calls) == 1  # served from the memo
+    assert vlm.prompt_ids(ITEMS[0], "nothink", 4) != fresh and len(calls) == 2  # another prompt
+    vlm.cache_prompts = False
+    try:
+        assert vlm.prompt_ids(ITEMS[0], "think", 4) == fresh and len(calls) == 3  # memo off: rendered again
+    finally:
+        vlm.cache_prompts = True
+    monkeypatch.setattr(models, "PROMPT_CACHE_SIZE", 2)
+    vlm.prompt_ids(ITEMS[1], "think", 4)  # third prompt: the full memo is cleared first
+    assert len(vlm._prompt_ids) == 1
+
+
 def test_wrapper_refuses_a_processor_it_cannot_mirror(vlm):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
