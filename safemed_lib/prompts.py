@@ -103,6 +103,23 @@ def format_completion(letter: str, mode: str, rationale: str | None = None) -> s
     return f"{think}\n{answer}" if mode == "think" else f"{answer}\n{think}"
 
 
+def option_check(options, answer: str) -> str:
+    """The closing step of this project's think rationales: every option, in the prompt's own
+    ``A)text`` form, judged in order: ``"Options: A)MRI no, B)CT scan yes, C)X-ray no."``.
+
+    Why: the letter then follows from the reasoning by local steps a small model can learn (copy
+    each option from the prompt, judge it, answer with the letter judged "yes"), instead of one
+    backward lookup from the finding's text to the letter in front of it, which the tiny model
+    trained from scratch does not learn (docs/tiny_model_learnability.md)."""
+    options = list(options)
+    answer = answer.strip().upper()
+    if answer not in LETTERS[:len(options)]:
+        raise ValueError(f"answer {answer!r} is not one of the {len(options)} option letters")
+    checks = ", ".join(f"{LETTERS[i]}){opt} {'yes' if LETTERS[i] == answer else 'no'}"
+                       for i, opt in enumerate(options))
+    return f"Options: {checks}."
+
+
 def _letter_of(block: str) -> str | None:
     block = block.strip().strip("*`'\"").strip()  # markdown emphasis or quotes around the letter
     m = _LETTER_DELIM.match(block) or _LETTER_WORD.match(block)

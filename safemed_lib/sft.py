@@ -30,8 +30,10 @@ run continues training (the cosine schedule is then recomputed for the new total
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
+import random
 import shutil
 import time
 from functools import lru_cache
@@ -41,10 +43,11 @@ from typing import Sequence
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from . import data, models, prompts, synth
+from . import data, models, pretrain, prompts, synth
 from .records import atomic_write_text
 
 VARIANTS = ("think", "nothink")
+TARGET_FORMAT = 2  # bump when sft_targets changes: cached SFT models then retrain
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
 
 
@@ -62,8 +65,22 @@ def sft_targets(item: data.VQAItem, scene: dict | None, variant: str) -> str:
             raise ValueError(f"{item.question_id}: the think variant needs the image's scene metadata "
                              "(synth.load_scenes) to write a rationale; real OmniMedVQA has none, use "
                              "variant='nothink' there")
-        return prompts.format_completion(item.answer, "think", synth.rationale(item, scene))
+        return prompts.format_completion(item.answer, "think", synth.rationale(item, scene) + " "
+                                         + prompts.option_check(item.options, item.answer))
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def shuffle_options(item: data.VQAItem, rng: random.Random) -> data.VQAItem:
+    """A copy of ``item`` with its options in a random order and the answer letter moved along.
+
+    SFT draws a fresh order for every item in every step (``train_sft(shuffle_options=True)``):
+    the model cannot tie an answer to a letter or a position, only to the option's text."""
+    options = list(item.options)
+    right = options[prompts.LETTERS.index(item.answer)]
+    order = list(range(len(options)))
+    rng.shuffle(order)
+    options = [options[i] for i in order]
+    return dataclasses.replace(item, options=options, answer=prompts.LETTERS[options.index(right)])
 
 
 def benchmark_root(item: data.VQAItem) -> Path | None:
@@ -97,10 +114,11 @@ def sft_target_list(items: Sequence[data.VQAItem], variant: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- training
-def _settings(variant, train_items, *, steps, lr, batch_size, image_size, seed) -> dict:
+def _settings(variant, train_items, *, steps, lr, batch_size, image_size, seed, shuffle=True) -> dict:
     ids = "\n".join(sorted(it.question_id for it in train_items))
     return {"variant": variant, "steps": int(steps), "lr": float(lr), "batch_size": int(batch_size),
             "image_size": image_size, "seed": int(seed), "n_train": len(train_items),
+            "shuffle_options": bool(shuffle), "target_format": TARGET_FORMAT,
             "train_ids_sha1": hashlib.sha1(ids.encode()).hexdigest()}
 
 
@@ -175,14 +193,16 @@ def read_log(out_dir: str | Path):
 def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: int, lr: float,
               batch_size: int, image_size: int | None, out_dir: str | Path, seed: int = 0,
               log_every: int = 10, save_every: int = 100, warmup_frac: float = 0.05,
-              weight_decay: float = 0.0, grad_clip: float = 1.0, tag: dict | None = None):
+              weight_decay: float = 0.0, grad_clip: float = 1.0, shuffle: bool = True, tag: dict | None = None):
     """Fine-tune ``vlm`` on ``train_items`` with targets ``sft_targets(item, scene, variant)``.
 
     Minimises the mean per-token ``vlm.sequence_nll`` of the targets under the ``variant`` prompt,
     with AdamW, linear warm-up over ``warmup_frac`` of the steps then cosine decay to 0, and
     gradient-norm clipping at ``grad_clip``. Logs every ``log_every`` steps (and the last) to
     ``out_dir/train_log.csv`` (step, loss = mean over the logged window, lr, seconds of training
-    so far) and checkpoints every ``save_every`` steps and at the end. If ``out_dir`` holds a
+    so far) and checkpoints every ``save_every`` steps and at the end. With ``shuffle`` (the default)
+    every item of every batch gets a fresh option order (``shuffle_options``, seeded by
+    (seed, step), so a resumed run sees the same batches). If ``out_dir`` holds a
     checkpoint of the same run (same variant, lr, batch, image size, seed and training items), training
     resumes from it: weights via ``models.load_vlm``, optimizer, scheduler and RNG state from
     ``state.pt``. A finished run writes ``out_dir/done.json``. ``tag``: extra JSON-able settings
@@ -204,9 +224,9 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
-                         image_size=image_size, seed=seed)
+                         image_size=image_size, seed=seed, shuffle=shuffle)
     settings["tag"] = tag
-    targets = sft_target_list(train_items, variant)
+    scenes = scenes_for(train_items) if variant == "think" else [None] * len(train_items)
 
     ckpt, state = _read_state(out_dir)
     if state is not None:
@@ -239,8 +259,12 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
         t0 = time.perf_counter()
         idx = batch_indices(len(train_items), batch_size, step, seed)
         batch = [train_items[i] for i in idx]
+        if shuffle:
+            rng = random.Random(f"{seed}:{step}")
+            batch = [shuffle_options(it, rng) for it in batch]
+        targets = [sft_targets(it, scenes[i], variant) for it, i in zip(batch, idx)]
         images = data.load_images(batch, size=image_size)
-        loss = vlm.sequence_nll(images, batch, [targets[i] for i in idx], prompt=variant).mean()
+        loss = vlm.sequence_nll(images, batch, targets, prompt=variant).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -266,15 +290,17 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
 
 
 # --------------------------------------------------------------------------- cached models
+BASE_COPY_STEPS = 400  # pretrain.copy_pretrain steps of the tiny base (0: none)
 TINY_MODEL = dict(hidden_size=128, layers=2)  # build_tiny_vlm arguments of the embedded default
 
 
 def corpus_texts(items: Sequence[data.VQAItem]) -> list[str]:
     """The texts the tiny model's tokenizer is trained on: each item's problem (question and
-    options, as the prompt shows them) and, on the embedded benchmark, its rationale."""
+    options, as the prompt shows them) and, on the embedded benchmark, its think rationale."""
     texts = [prompts.format_problem(it) for it in items]
     if items and benchmark_root(items[0]) is not None:
-        texts += [synth.rationale(it, sc) for it, sc in zip(items, scenes_for(items))]
+        texts += [synth.rationale(it, sc) + " " + prompts.option_check(it.options, it.answer)
+                  for it, sc in zip(items, scenes_for(items))]
     return texts
 
 
@@ -289,33 +315,43 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _base_plan(corpus_items, image_size, seed, model_kwargs) -> tuple[list[str], dict, dict]:
+def _base_plan(corpus_items, image_size, seed, model_kwargs, copy_steps=None) -> tuple[list[str], dict, dict]:
     """(tokenizer corpus, build_tiny_vlm kwargs, metadata that identifies the tiny base)."""
     kwargs = {**TINY_MODEL, **(model_kwargs or {}), "image_size": image_size}
     corpus = corpus_texts(list(corpus_items))
-    return corpus, kwargs, {"seed": seed, "model_kwargs": kwargs, "corpus_sha1": _fingerprint(corpus)}
+    steps = BASE_COPY_STEPS if copy_steps is None else int(copy_steps)
+    return corpus, kwargs, {"seed": seed, "model_kwargs": kwargs, "corpus_sha1": _fingerprint(corpus),
+                            "copy_steps": steps}
 
 
 def ensure_base(models_dir: str | Path, corpus_items: Sequence[data.VQAItem], *, image_size: int,
                 seed: int = 0, model_path: str | Path | None = None, model_kwargs: dict | None = None,
-                device=None):
-    """The untrained starting point both SFT variants share.
+                device=None, copy_steps: int | None = None):
+    """The starting point both SFT variants share (never trained on the benchmark's questions).
 
     With ``model_path`` (paper profile): that local Qwen2-VL / Qwen2.5-VL checkpoint, loaded with
     ``models.load_vlm``. Otherwise the tiny model, built once by ``models.build_tiny_vlm`` (tokenizer
-    trained on ``corpus_texts(corpus_items)``; ``model_kwargs`` default ``TINY_MODEL``) and cached in
-    ``<models_dir>/base`` (rebuilt if its settings differ). Always returns a fresh copy from disk.
+    trained on ``corpus_texts(corpus_items)``; ``model_kwargs`` default ``TINY_MODEL``), given
+    in-context copying by ``pretrain.copy_pretrain`` for ``copy_steps`` steps (default
+    ``BASE_COPY_STEPS``; random token sequences, no benchmark data) and cached in
+    ``<models_dir>/base`` with its copy log (rebuilt if its settings differ). Always returns a
+    fresh copy from disk.
     """
     from .paths import resolve
 
     if model_path:
         return models.load_vlm(resolve(model_path), device=device, image_size=image_size)
-    corpus, kwargs, meta = _base_plan(corpus_items, image_size, seed, model_kwargs)
+    corpus, kwargs, meta = _base_plan(corpus_items, image_size, seed, model_kwargs, copy_steps)
     base_dir = resolve(models_dir) / "base"
     if _read_json(base_dir / "done.json") != meta:
         if base_dir.exists():
             shutil.rmtree(base_dir)
         vlm = models.build_tiny_vlm(corpus, seed=seed, **kwargs)
+        if meta["copy_steps"]:
+            log = pretrain.copy_pretrain(vlm, meta["copy_steps"], seed=seed)
+            base_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(base_dir / "copy_log.json", json.dumps(log, indent=1) + "\n")
+        vlm.model.eval()
         vlm.save(base_dir / "model")
         atomic_write_text(base_dir / "done.json", json.dumps(meta, indent=2) + "\n")
     return models.load_vlm(base_dir / "model", device=device)

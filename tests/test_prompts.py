@@ -136,3 +136,9 @@ def test_format_completion_round_trips_through_parser_and_rewards():
     assert prompts.format_completion("c", "nothink") == "<answer> C </answer>"
     with pytest.raises(ValueError, match="rationale"):
         prompts.format_completion("C", "think")
+
+
+def test_option_check_judges_every_option_in_the_prompts_form():
+    assert prompts.option_check(["MRI", "CT scan", "X-ray"], "b") == "Options: A)MRI no, B)CT scan yes, C)X-ray no."
+    with pytest.raises(ValueError, match="'D' is not one of the 3"):
+        prompts.option_check(["MRI", "CT scan", "X-ray"], "D")

@@ -59,10 +59,26 @@ def test_targets_pass_format_reward_and_parse(items):
         assert prompts.parse_answer(think, len(it.options)) == it.answer
         assert prompts.parse_answer(nothink, len(it.options)) == it.answer
         assert synth.rationale(it, scene) in think
+        assert prompts.option_check(it.options, it.answer) + " </think>" in think  # judged in the prompt's order
     with pytest.raises(ValueError, match="scene"):
         sft.sft_targets(items[0], None, "think")
     with pytest.raises(ValueError, match="variant"):
         sft.sft_targets(items[0], None, "chat")
+
+
+def test_shuffled_options_keep_the_answer_text_and_vary_with_the_seed(items):
+    import random
+
+    it = next(i for i in items if len(i.options) >= 4)
+    orders = set()
+    for k in range(20):
+        s = sft.shuffle_options(it, random.Random(k))
+        assert sorted(s.options) == sorted(it.options) and s.answer_text == it.answer_text
+        assert s.question_id == it.question_id and it.options == list(it.options)  # the original is untouched
+        orders.add(tuple(s.options))
+    assert len(orders) > 5
+    again = [sft.shuffle_options(it, random.Random(k)).options for k in range(3)]
+    assert again == [sft.shuffle_options(it, random.Random(k)).options for k in range(3)]
 
 
 def test_a_few_steps_reduce_the_loss(items, base_dir, tmp_path):
