@@ -19,7 +19,6 @@ Writes ``benchmarks/out/bench_opt.json`` and ``.md``. Run: ``.venv/bin/python be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -29,9 +28,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from safemed_lib import attacks, data, models, prompts, sft, workbook  # noqa: E402
-from safemed_lib.records import atomic_write_text  # noqa: E402
 
-from bench_pgd import OUT, medians  # noqa: E402
+from bench_pgd import medians, write  # noqa: E402
 
 
 def before(vlm):
@@ -125,7 +123,6 @@ def main():
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "loadavg_1m": os.getloadavg()[0],
             "repeats": args.repeats}
-    atomic_write_text(OUT / "bench_opt.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["| change | batch | before ms | after ms | speed-up |", "|---|---|---|---|---|"]
     for r in rows:
         extra = (f" (compile {r['compile_s']:.0f} s once; pays off after {r['break_even_calls']:.0f} calls)"
@@ -135,8 +132,7 @@ def main():
     busy = "the other core was busy with another job" if meta["loadavg_1m"] > 1.5 else "a quiet machine"
     lines.append(f"\nmedians of {args.repeats} interleaved repeats, tiny model, 112 px, 1 torch thread, torch "
                  f"{meta['torch']}; load average {meta['loadavg_1m']:.2f} on {meta['cpus']} cores ({busy}).")
-    atomic_write_text(OUT / "bench_opt.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write("bench_opt", meta, rows, lines)
 
 
 if __name__ == "__main__":

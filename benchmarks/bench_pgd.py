@@ -51,6 +51,13 @@ def medians(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def write(name: str, meta: dict, rows: list[dict], lines: list[str]) -> None:
+    """``benchmarks/out/<name>.json`` (meta + rows) and ``<name>.md`` (the lines); print the lines."""
+    atomic_write_text(OUT / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(OUT / f"{name}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def fwd_bwd(loss_fn, x):
     def run():
         xr = x.detach().clone().requires_grad_(True)
@@ -154,7 +161,6 @@ def main():
             "machine": platform.processor() or platform.machine(), "loadavg_1m": os.getloadavg()[0],
             "repeats": args.repeats, "note": "medians of interleaved repeats; a load average above the core "
             "count means the timings were contended"}
-    atomic_write_text(OUT / "bench_pgd.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["| case | batch | steps | fwd+bwd ms | floor ms | PGD ms | PGD ms/image | ratio | goal | ok |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -163,8 +169,7 @@ def main():
                      f"{'yes' if r['ok'] else 'NO'} |")
     lines.append(f"\n{meta['note']}; load average {meta['loadavg_1m']:.2f} on {meta['cpus']} cores, "
                  f"{meta['threads']} torch thread, torch {meta['torch']}.")
-    atomic_write_text(OUT / "bench_pgd.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write("bench_pgd", meta, rows, lines)
 
 
 if __name__ == "__main__":
