@@ -73,7 +73,7 @@ def sft_targets(item: data.VQAItem, scene: dict | None, variant: str) -> str:
 def shuffle_options(item: data.VQAItem, rng: random.Random) -> data.VQAItem:
     """A copy of ``item`` with its options in a random order and the answer letter moved along.
 
-    SFT draws a fresh order for every item in every step (``train_sft(shuffle_options=True)``):
+    SFT draws a fresh order for every item in every step (``train_sft(shuffle=True)``):
     the model cannot tie an answer to a letter or a position, only to the option's text."""
     options = list(item.options)
     right = options[prompts.LETTERS.index(item.answer)]
