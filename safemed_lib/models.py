@@ -209,15 +209,14 @@ class VLM:
         pass over a few items (``benchmarks/bench_opt.py`` measures it). The memo holds at most
         ``PROMPT_CACHE_SIZE`` prompts (cleared when full); it never changes a result.
         """
-        if not self.cache_prompts:
-            return self.tokenizer(self.chat_prompt(item, mode, n_image_tokens), add_special_tokens=False)["input_ids"]
         key = (prompts.build_prompt(item, mode), int(n_image_tokens))
-        ids = self._prompt_ids.get(key)
+        ids = self._prompt_ids.get(key) if self.cache_prompts else None
         if ids is None:
-            if len(self._prompt_ids) >= PROMPT_CACHE_SIZE:
-                self._prompt_ids.clear()
-            ids = self._prompt_ids[key] = self.tokenizer(
-                self.chat_prompt(item, mode, n_image_tokens), add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(self.chat_prompt(item, mode, n_image_tokens), add_special_tokens=False)["input_ids"]
+            if self.cache_prompts:
+                if len(self._prompt_ids) >= PROMPT_CACHE_SIZE:
+                    self._prompt_ids.clear()
+                self._prompt_ids[key] = ids
         return ids
 
     def _encode(self, images, items: Sequence[Any], mode: str, suffixes: Sequence[list[int]] | None = None,

@@ -65,9 +65,14 @@ def sft_targets(item: data.VQAItem, scene: dict | None, variant: str) -> str:
             raise ValueError(f"{item.question_id}: the think variant needs the image's scene metadata "
                              "(synth.load_scenes) to write a rationale; real OmniMedVQA has none, use "
                              "variant='nothink' there")
-        return prompts.format_completion(item.answer, "think", synth.rationale(item, scene) + " "
-                                         + prompts.option_check(item.options, item.answer))
+        return prompts.format_completion(item.answer, "think", think_rationale(item, scene))
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def think_rationale(item: data.VQAItem, scene: dict) -> str:
+    """SFT-think's rationale: ``synth.rationale`` (the evidence, then the answer) followed by
+    ``prompts.option_check`` (every option judged, in the prompt's order)."""
+    return synth.rationale(item, scene) + " " + prompts.option_check(item.options, item.answer)
 
 
 def shuffle_options(item: data.VQAItem, rng: random.Random) -> data.VQAItem:
@@ -299,8 +304,7 @@ def corpus_texts(items: Sequence[data.VQAItem]) -> list[str]:
     options, as the prompt shows them) and, on the embedded benchmark, its think rationale."""
     texts = [prompts.format_problem(it) for it in items]
     if items and benchmark_root(items[0]) is not None:
-        texts += [synth.rationale(it, sc) + " " + prompts.option_check(it.options, it.answer)
-                  for it, sc in zip(items, scenes_for(items))]
+        texts += [think_rationale(it, sc) for it, sc in zip(items, scenes_for(items))]
     return texts
 
 
