@@ -13,7 +13,7 @@ Without --model-dir it builds the untrained tiny VLM on the benchmark's text; an
 never stops early, so generation always runs to its max new tokens: the worst case (a trained
 answer-only model stops after its ~6-token "<answer> X </answer>", a think model after its
 rationale). Pass --model-dir to time a trained model.
-Writes benchmarks/out/bench_certify.json and .md. On a shared machine the timings are contended.
+Writes benchmarks/out/bench_certify.json and .md, with the load average the timings were taken at.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from safemed_lib import models, smoothing, workbook  # noqa: E402
 from safemed_lib.paths import PROJECT_ROOT  # noqa: E402
 from safemed_lib.records import atomic_write_text  # noqa: E402
 from safemed_lib.reproduce import load_profile  # noqa: E402
+from bench_pgd import load_note  # noqa: E402
 
 OUT = PROJECT_ROOT / "benchmarks" / "out"
 
@@ -108,7 +109,7 @@ def main(argv=None):
     result = {
         "benchmark": "bench_certify", "profile": args.profile, "model": model_name, "image_size": p["image_size"],
         "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores ({platform.platform()})",
-        "note": "timings taken on a shared 2-core machine while other jobs ran: contended",
+        "note": f"timed with {load_note()}",
         "max_new_tokens": {"nothink": args.max_new_tokens, "think": think_tokens},
         "sweep": sweep, "best_samples_per_s": best, "best_batch_size": best_bs,
         "fast_path_speedup": best["logprob"] / best["generate"],

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from safemed_lib import attacks, data, models, prompts, sft, workbook  # noqa: E402
 
-from bench_pgd import medians, write  # noqa: E402
+from bench_pgd import load_note, medians, write  # noqa: E402
 
 
 def before(vlm):
@@ -129,9 +129,8 @@ def main():
                  if "compile_s" in r else "")
         lines.append(f"| {r['case']} | {r['batch']} | {r['before_ms']:.1f} | {r['after_ms']:.1f} | "
                      f"{r['speedup']:.2f}x{extra} |")
-    busy = "the other core was busy with another job" if meta["loadavg_1m"] > 1.5 else "a quiet machine"
     lines.append(f"\nmedians of {args.repeats} interleaved repeats, tiny model, 112 px, 1 torch thread, torch "
-                 f"{meta['torch']}; load average {meta['loadavg_1m']:.2f} on {meta['cpus']} cores ({busy}).")
+                 f"{meta['torch']}; {load_note()}.")
     write("bench_opt", meta, rows, lines)
 
 

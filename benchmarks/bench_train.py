@@ -9,8 +9,8 @@ PGD steps. Time is split by wrapping the trainer's methods with timers (benchmar
 - scoring:  the rest of _generate_and_score_completions (processor, reference log-probs, rewards)
 - update:   the rest of the step (policy forward/backward of the loss, optimizer)
 
-Writes benchmarks/out/bench_train.json and .md. Timings on a shared 2-core machine are contended:
-they are labelled so, and the median over steps (after one warm-up step) is reported.
+Writes benchmarks/out/bench_train.json and .md: the median over steps (after one warm-up step),
+labelled with the load average it was taken at (contended when another job shared the cores).
 
     .venv/bin/python benchmarks/bench_train.py --steps 6 --mode nothink
 """
@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from bench_pgd import load_note  # noqa: E402
 
 
 def _timed(cls, name: str, bucket: str, times: dict):
@@ -111,15 +113,15 @@ def main(argv=None):
         rows = [run(kind, args, path, train, tmp) for kind in ("grpo", "at-grpo")]
     g, a = rows
     result = {
-        "benchmark": "bench_train", "contended": True, "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores (shared)", "torch": torch.__version__,
+        "benchmark": "bench_train", "load": load_note(), "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "runs": rows, "at_grpo_over_grpo": a["step_s"] / g["step_s"],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_train.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# AT-GRPO vs GRPO step time (tiny model, CPU, 1 thread, CONTENDED shared machine)", "",
+    lines = ["# AT-GRPO vs GRPO step time (tiny model, CPU, 1 thread)", "", f"Timed with {result['load']}.", "",
              f"Settings: {result['settings']}", "",
              "| run | step (s) | attack (s) | rollouts (s) | scoring (s) | update (s) |", "|---|---|---|---|---|---|"]
     for r in rows:
