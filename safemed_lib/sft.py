@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from . import data, models, pretrain, prompts, synth
+from . import attacks, data, models, pretrain, prompts, synth
 from .records import atomic_write_text
 
 VARIANTS = ("think", "nothink")
@@ -118,13 +118,69 @@ def sft_target_list(items: Sequence[data.VQAItem], variant: str) -> list[str]:
     return [sft_targets(it, sc, variant) for it, sc in zip(items, scenes)]
 
 
+# --------------------------------------------------------------------------- adversarial SFT
+ADV_DEFAULTS = {"eps": 8 / 255, "alpha": None, "steps": 5, "fraction": 0.5, "norm": "linf"}
+
+
+def adversarial_settings(adversarial: dict | None) -> dict | None:
+    """``train_sft``'s ``adversarial`` argument checked and completed: None, or a dict with
+    ``eps`` (radius in [0,1] pixel units), ``alpha`` (step; None: ``attacks.default_alpha``),
+    ``steps`` (PGD steps), ``fraction`` (share of each batch attacked) and ``norm``."""
+    if adversarial is None:
+        return None
+    if not isinstance(adversarial, dict):
+        raise TypeError(f"adversarial must be None or a dict, got {type(adversarial).__name__}")
+    unknown = set(adversarial) - set(ADV_DEFAULTS)
+    if unknown:
+        raise ValueError(f"adversarial: unknown keys {sorted(unknown)}; known: {sorted(ADV_DEFAULTS)}")
+    adv = {**ADV_DEFAULTS, **adversarial}
+    if adv["norm"] not in attacks.NORMS:
+        raise ValueError(f"adversarial.norm must be one of {attacks.NORMS}, got {adv['norm']!r}")
+    if not adv["eps"] > 0:
+        raise ValueError(f"adversarial.eps must be > 0, got {adv['eps']!r}")
+    if int(adv["steps"]) != adv["steps"] or adv["steps"] < 1:
+        raise ValueError(f"adversarial.steps must be an integer >= 1, got {adv['steps']!r}")
+    if not 0 < adv["fraction"] <= 1:
+        raise ValueError(f"adversarial.fraction must be in (0, 1], got {adv['fraction']!r}")
+    if adv["alpha"] is None:
+        adv["alpha"] = attacks.default_alpha(adv["eps"], int(adv["steps"]))
+    if not adv["alpha"] > 0:
+        raise ValueError(f"adversarial.alpha must be > 0, got {adv['alpha']!r}")
+    return {"eps": float(adv["eps"]), "alpha": float(adv["alpha"]), "steps": int(adv["steps"]),
+            "fraction": float(adv["fraction"]), "norm": adv["norm"]}
+
+
+def adversarial_images(vlm, images: torch.Tensor, items: Sequence[data.VQAItem], targets: Sequence[str], *,
+                       prompt: str, adversarial: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Madry et al.'s inner maximisation for one SFT batch: the first ``round(fraction * B)``
+    images replaced by PGD images that ascend the batch's own SFT loss (``vlm.sequence_nll`` of
+    its targets, the loss the step then descends), put on the 8-bit grid inside the ball. The
+    model is in eval mode during the attack. Returns a new batch; ``images`` is not modified."""
+    adv = adversarial_settings(adversarial)
+    k = round(adv["fraction"] * len(items))
+    if k == 0:
+        return images
+    items, targets = list(items)[:k], list(targets)[:k]
+    was_training = vlm.model.training
+    vlm.model.eval()
+    try:
+        x_adv = attacks.pgd(lambda z: vlm.sequence_nll(z, items, targets, prompt=prompt), images[:k],
+                            eps=adv["eps"], alpha=adv["alpha"], steps=adv["steps"], norm=adv["norm"],
+                            generator=generator)
+    finally:
+        vlm.model.train(was_training)
+    return torch.cat([attacks.round_8bit_toward(x_adv, images[:k]), images[k:]])
+
+
 # --------------------------------------------------------------------------- training
-def _settings(variant, train_items, *, steps, lr, batch_size, image_size, seed, shuffle=True) -> dict:
+def _settings(variant, train_items, *, steps, lr, batch_size, image_size, seed, shuffle=True,
+              adversarial=None) -> dict:
     ids = "\n".join(sorted(it.question_id for it in train_items))
+    extra = {} if adversarial is None else {"adversarial": adversarial_settings(adversarial)}
     return {"variant": variant, "steps": int(steps), "lr": float(lr), "batch_size": int(batch_size),
             "image_size": image_size, "seed": int(seed), "n_train": len(train_items),
             "shuffle_options": bool(shuffle), "target_format": TARGET_FORMAT,
-            "train_ids_sha1": hashlib.sha1(ids.encode()).hexdigest()}
+            "train_ids_sha1": hashlib.sha1(ids.encode()).hexdigest(), **extra}
 
 
 def _same_run(a: dict, b: dict, ignore=("steps",)) -> list[str]:
@@ -198,7 +254,8 @@ def read_log(out_dir: str | Path):
 def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: int, lr: float,
               batch_size: int, image_size: int | None, out_dir: str | Path, seed: int = 0,
               log_every: int = 10, save_every: int = 100, warmup_frac: float = 0.05,
-              weight_decay: float = 0.0, grad_clip: float = 1.0, shuffle: bool = True, tag: dict | None = None):
+              weight_decay: float = 0.0, grad_clip: float = 1.0, shuffle: bool = True, tag: dict | None = None,
+              adversarial: dict | None = None):
     """Fine-tune ``vlm`` on ``train_items`` with targets ``sft_targets(item, scene, variant)``.
 
     Minimises the mean per-token ``vlm.sequence_nll`` of the targets under the ``variant`` prompt,
@@ -212,6 +269,10 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     resumes from it: weights via ``models.load_vlm``, optimizer, scheduler and RNG state from
     ``state.pt``. A finished run writes ``out_dir/done.json``. ``tag``: extra JSON-able settings
     (e.g. which base model) stored with the run; a checkpoint with another tag is not resumed.
+    ``adversarial``: None (standard SFT) or a dict for ``adversarial_settings`` (eps, alpha, steps,
+    fraction, norm): adversarial training (Madry et al.), every batch's first ``fraction`` of
+    images replaced by PGD images against the current weights (``adversarial_images``; the random
+    start seeded by (seed, step), so a resumed run attacks as an uninterrupted one).
 
     Returns the trained VLM (a new object when weights were restored from a checkpoint).
     """
@@ -229,7 +290,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
-                         image_size=image_size, seed=seed, shuffle=shuffle)
+                         image_size=image_size, seed=seed, shuffle=shuffle, adversarial=adversarial)
     settings["tag"] = tag
     scenes = scenes_for(train_items) if variant == "think" else [None] * len(train_items)
 
@@ -269,6 +330,10 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
             batch = [shuffle_options(it, rng) for it in batch]
         targets = [sft_targets(it, scenes[i], variant) for it, i in zip(batch, idx)]
         images = data.load_images(batch, size=image_size)
+        if adversarial is not None:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            images = adversarial_images(vlm, images, batch, targets, prompt=variant,
+                                        adversarial=settings["adversarial"], generator=gen)
         loss = vlm.sequence_nll(images, batch, targets, prompt=variant).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -391,15 +456,44 @@ def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.
     out_dir = resolve(models_dir) / f"sft-{variant}"
     settings = {**_settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
                             image_size=image_size, seed=seed), "tag": {"base": base}}
+    start = lambda: ensure_base(models_dir, corpus_items, image_size=image_size, seed=seed,  # noqa: E731
+                                model_path=model_path, model_kwargs=model_kwargs, device=device)
+    return _cached_run(out_dir, settings, start, train_items, variant=variant, steps=steps, lr=lr,
+                       batch_size=batch_size, image_size=image_size, seed=seed, log_every=log_every,
+                       save_every=save_every, device=device)
+
+
+def _cached_run(out_dir: Path, settings: dict, start, train_items, *, device=None, adversarial=None, **train_kwargs):
+    """The finished run in ``out_dir`` if its ``done.json`` records ``settings``; else the matching
+    unfinished run resumed, or (anything else deleted) ``train_sft`` from ``start()``."""
     done = _read_json(out_dir / "done.json")
     if done is not None and all(done.get(k) == v for k, v in settings.items()):
         return models.load_vlm(out_dir / done["model"], device=device)
     _, state = _read_state(out_dir) if (out_dir / "latest").is_file() else (None, None)
     if out_dir.exists() and (state is None or _same_run(state["settings"], settings)
-                             or state["step"] > steps):
+                             or state["step"] > train_kwargs["steps"]):
         shutil.rmtree(out_dir)  # a stale cache of other settings
-    vlm = ensure_base(models_dir, corpus_items, image_size=image_size, seed=seed, model_path=model_path,
-                      model_kwargs=model_kwargs, device=device)
-    return train_sft(vlm, train_items, variant=variant, steps=steps, lr=lr, batch_size=batch_size,
-                     image_size=image_size, out_dir=out_dir, seed=seed, log_every=log_every,
-                     save_every=save_every, tag=settings["tag"])
+    return train_sft(start(), train_items, out_dir=out_dir, tag=settings["tag"], adversarial=adversarial,
+                     **train_kwargs)
+
+
+def ensure_adversarial_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.VQAItem], *,
+                           start, start_id: str, adversarial: dict, image_size: int, steps: int, lr: float,
+                           batch_size: int, seed: int = 0, name: str | None = None, log_every: int = 10,
+                           save_every: int = 100, device=None):
+    """Adversarial fine-tuning (Madry et al.'s PGD adversarial training on the SFT loss) from a
+    trained model, cached in ``<models_dir>/<name>`` (default ``sftat-<variant>``): the classical
+    defence beside AT-GRPO, from the same starting point and with supervised targets instead of
+    rewards. ``start``: zero-argument function returning the starting VLM (called only when
+    training is needed); ``start_id``: a string naming it (e.g. its ``done.json``), stored with the
+    run so that another start retrains. ``adversarial``: see ``adversarial_settings``. Resumable,
+    like ``ensure_sft``."""
+    from .paths import resolve
+
+    train_items = list(train_items)
+    out_dir = resolve(models_dir) / (name or f"sftat-{variant}")
+    settings = {**_settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size, image_size=image_size,
+                            seed=seed, adversarial=adversarial), "tag": {"start": start_id}}
+    return _cached_run(out_dir, settings, start, train_items, variant=variant, steps=steps, lr=lr,
+                       batch_size=batch_size, image_size=image_size, seed=seed, log_every=log_every,
+                       save_every=save_every, device=device, adversarial=adversarial)

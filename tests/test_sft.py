@@ -173,3 +173,82 @@ def test_base_id_matches_the_recorded_tag(items, tmp_path):
     sft.ensure_sft(tmp_path, "nothink", items, **kw)
     done = json.loads((tmp_path / "sft-nothink" / "done.json").read_text())
     assert done["tag"] == {"base": sft.base_id(tmp_path)}
+
+
+# --------------------------------------------------------------------------- adversarial SFT
+def test_adversarial_settings_complete_and_reject_bad_values():
+    adv = sft.adversarial_settings({"eps": 8 / 255, "steps": 4})
+    assert adv == {"eps": 8 / 255, "alpha": 2.5 * (8 / 255) / 4, "steps": 4, "fraction": 0.5, "norm": "linf"}
+    assert sft.adversarial_settings(None) is None
+    for bad, match in (({"epsilon": 0.1}, "unknown keys.*epsilon"), ({"fraction": 0.0}, "fraction"),
+                       ({"fraction": 1.5}, "fraction"), ({"eps": 0}, "eps"), ({"steps": 2.5}, "steps"),
+                       ({"norm": "l1"}, "norm"), ({"alpha": -1.0}, "alpha")):
+        with pytest.raises(ValueError, match=match):
+            sft.adversarial_settings(bad)
+    with pytest.raises(TypeError, match="dict"):
+        sft.adversarial_settings(0.03)
+
+
+def test_adversarial_images_attack_the_first_fraction_within_the_ball(items, base_dir):
+    vlm = models.load_vlm(base_dir)
+    batch = items[:4]
+    images = data.load_images(batch, size=SIZE)
+    targets = sft.sft_target_list(batch, "think")
+    eps = 8 / 255
+    vlm.model.train()
+    x = sft.adversarial_images(vlm, images, batch, targets, prompt="think",
+                               adversarial={"eps": eps, "steps": 3, "fraction": 0.5},
+                               generator=torch.Generator().manual_seed(0))
+    assert vlm.model.training  # the train mode is restored after the attack
+    assert torch.equal(x[2:], images[2:])  # only round(0.5 * 4) = 2 images are attacked
+    delta = x[:2] - images[:2]
+    assert delta.abs().max() <= eps + 1e-6 and delta.abs().max() > 0
+    assert torch.allclose(x * 255, (x * 255).round(), atol=1e-3)  # on the 8-bit grid, like a saved PNG
+    with torch.no_grad():  # the attack ascends the very loss the SFT step descends
+        clean = vlm.sequence_nll(images[:2], batch[:2], targets[:2], prompt="think")
+        adv = vlm.sequence_nll(x[:2], batch[:2], targets[:2], prompt="think")
+    assert (adv > clean).all(), (clean, adv)
+
+
+def test_adversarial_sft_records_its_attack_and_resumes_exactly(items, base_dir, tmp_path, monkeypatch):
+    kw = dict(variant="think", steps=4, lr=2e-3, batch_size=2, image_size=SIZE, log_every=1, save_every=2,
+              adversarial={"eps": 4 / 255, "steps": 2, "fraction": 1.0})
+    reference = sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "a", **kw)
+    done = json.loads((tmp_path / "a" / "done.json").read_text())
+    assert done["adversarial"] == sft.adversarial_settings(kw["adversarial"])
+    plain = sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "plain",
+                          **{**kw, "adversarial": None})
+    assert "adversarial" not in json.loads((tmp_path / "plain" / "done.json").read_text())
+    ref, other = _weights(reference), _weights(plain)
+    assert any(not torch.equal(ref[k], other[k]) for k in ref)  # the attack changed what was learnt
+
+    # 3 calls per attacked step (2 PGD steps + the SFT loss); die in step 3, resume from step 2
+    CountingNLL(monkeypatch, fail_at=7)
+    with pytest.raises(KeyboardInterrupt):
+        sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "b", **kw)
+    resumed = CountingNLL(monkeypatch)
+    vlm = sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "b", **kw)
+    assert resumed.calls == 6  # steps 3 and 4 only
+    got = _weights(vlm)
+    assert all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref)
+    with pytest.raises(ValueError, match="different run"):  # another attack is another run
+        sft.train_sft(vlm, items, out_dir=tmp_path / "b", **{**kw, "adversarial": {"eps": 8 / 255}})
+
+
+def test_ensure_adversarial_sft_starts_from_the_given_model_and_caches(items, base_dir, tmp_path, monkeypatch):
+    starts = []
+
+    def start():
+        starts.append(1)
+        return models.load_vlm(base_dir)
+
+    kw = dict(image_size=SIZE, steps=2, lr=1e-3, batch_size=2, start=start, start_id="base-0",
+              adversarial={"eps": 4 / 255, "steps": 1})
+    first = sft.ensure_adversarial_sft(tmp_path, "nothink", items, **kw)
+    done = json.loads((tmp_path / "sftat-nothink" / "done.json").read_text())
+    assert starts == [1] and done["tag"] == {"start": "base-0"} and done["adversarial"]["eps"] == 4 / 255
+    again = sft.ensure_adversarial_sft(tmp_path, "nothink", items, **kw)
+    assert starts == [1]  # cached: the start model is not even loaded
+    assert all(torch.equal(a, b) for a, b in zip(_weights(again).values(), _weights(first).values()))
+    sft.ensure_adversarial_sft(tmp_path, "nothink", items, **{**kw, "start_id": "another"})
+    assert starts == [1, 1]  # another starting point: trained afresh
