@@ -497,3 +497,39 @@ def ensure_adversarial_sft(models_dir: str | Path, variant: str, train_items: Se
     return _cached_run(out_dir, settings, start, train_items, variant=variant, steps=steps, lr=lr,
                        batch_size=batch_size, image_size=image_size, seed=seed, log_every=log_every,
                        save_every=save_every, device=device, adversarial=adversarial)
+
+
+def _train_variant(models_dir, variant, train_items, threads, kwargs) -> None:
+    """Worker of ``ensure_sft_variants`` (module level, so a spawned process can import it)."""
+    from . import set_threads
+
+    set_threads(threads)
+    ensure_sft(models_dir, variant, train_items, **kwargs)
+
+
+def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_items: Sequence[data.VQAItem], *,
+                        workers: int = 1, threads: int = 1, **kwargs) -> dict:
+    """``ensure_sft`` for each of ``variants``; returns {variant: VLM}.
+
+    With ``workers > 1`` the variants that still need training train at the same time, each in
+    its own process with ``threads`` torch threads (on the 2-core default machine the two tiny
+    variants then take the time of one). The shared base is built first, in this process, so
+    both start from the same weights; each run is the same computation as in this process, and
+    it checkpoints and resumes the same way. ``kwargs`` go to ``ensure_sft``; use ``workers=1``
+    for GPU runs (one device)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    variants = list(variants)
+    if int(workers) != workers or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    train_items = list(train_items)
+    if workers > 1 and len(variants) > 1:
+        corpus = kwargs.get("corpus_items") or train_items
+        ensure_base(models_dir, corpus, image_size=kwargs["image_size"], seed=kwargs.get("seed", 0),
+                    model_path=kwargs.get("model_path"), model_kwargs=kwargs.get("model_kwargs"))
+        with ProcessPoolExecutor(min(workers, len(variants)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = [pool.submit(_train_variant, models_dir, v, train_items, threads, kwargs) for v in variants]
+            for job in jobs:
+                job.result()  # re-raises a worker's error here
+    return {v: ensure_sft(models_dir, v, train_items, **kwargs) for v in variants}

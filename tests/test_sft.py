@@ -252,3 +252,15 @@ def test_ensure_adversarial_sft_starts_from_the_given_model_and_caches(items, ba
     assert all(torch.equal(a, b) for a, b in zip(_weights(again).values(), _weights(first).values()))
     sft.ensure_adversarial_sft(tmp_path, "nothink", items, **{**kw, "start_id": "another"})
     assert starts == [1, 1]  # another starting point: trained afresh
+
+
+def test_variants_trained_in_parallel_processes_equal_sequential_training(items, tmp_path):
+    kw = dict(image_size=SIZE, steps=3, lr=1e-3, batch_size=2, model_kwargs=TINY)
+    seq = sft.ensure_sft_variants(tmp_path / "seq", ["think", "nothink"], items, workers=1, **kw)
+    par = sft.ensure_sft_variants(tmp_path / "par", ["think", "nothink"], items, workers=2, **kw)
+    for v in ("think", "nothink"):
+        a, b = _weights(seq[v]), _weights(par[v])
+        assert all(torch.equal(a[k], b[k]) for k in a), v
+        assert json.loads((tmp_path / "par" / f"sft-{v}" / "done.json").read_text())["steps"] == 3
+    with pytest.raises(ValueError, match="workers"):
+        sft.ensure_sft_variants(tmp_path / "x", ["think"], items, workers=0, **kw)
