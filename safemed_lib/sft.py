@@ -330,8 +330,9 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
             batch = [shuffle_options(it, rng) for it in batch]
         targets = [sft_targets(it, scenes[i], variant) for it, i in zip(batch, idx)]
         images = data.load_images(batch, size=image_size)
-        if adversarial is not None:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        if adversarial is not None:  # the attack runs where the model is (its random start too)
+            images = images.to(vlm.device)
+            gen = torch.Generator(device=vlm.device).manual_seed(seed * 1_000_003 + step)
             images = adversarial_images(vlm, images, batch, targets, prompt=variant,
                                         adversarial=settings["adversarial"], generator=gen)
         loss = vlm.sequence_nll(images, batch, targets, prompt=variant).mean()
@@ -499,14 +500,6 @@ def ensure_adversarial_sft(models_dir: str | Path, variant: str, train_items: Se
                        save_every=save_every, device=device, adversarial=adversarial)
 
 
-def _train_variant(models_dir, variant, train_items, threads, kwargs) -> None:
-    """Worker of ``ensure_sft_variants`` (module level, so a spawned process can import it)."""
-    from . import set_threads
-
-    set_threads(threads)
-    ensure_sft(models_dir, variant, train_items, **kwargs)
-
-
 def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_items: Sequence[data.VQAItem], *,
                         workers: int = 1, threads: int = 1, **kwargs) -> dict:
     """``ensure_sft`` for each of ``variants``; returns {variant: VLM}.
@@ -517,8 +510,7 @@ def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_i
     both start from the same weights; each run is the same computation as in this process, and
     it checkpoints and resumes the same way. ``kwargs`` go to ``ensure_sft``; use ``workers=1``
     for GPU runs (one device)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from .workbook import background
 
     variants = list(variants)
     if int(workers) != workers or workers < 1:
@@ -528,8 +520,9 @@ def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_i
         corpus = kwargs.get("corpus_items") or train_items
         ensure_base(models_dir, corpus, image_size=kwargs["image_size"], seed=kwargs.get("seed", 0),
                     model_path=kwargs.get("model_path"), model_kwargs=kwargs.get("model_kwargs"))
-        with ProcessPoolExecutor(min(workers, len(variants)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = [pool.submit(_train_variant, models_dir, v, train_items, threads, kwargs) for v in variants]
+        for i in range(0, len(variants), workers):
+            jobs = [background(ensure_sft, models_dir, v, train_items, threads=threads, **kwargs)
+                    for v in variants[i:i + workers]]
             for job in jobs:
                 job.result()  # re-raises a worker's error here
     return {v: ensure_sft(models_dir, v, train_items, **kwargs) for v in variants}

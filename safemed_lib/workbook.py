@@ -26,3 +26,27 @@ def dataset(omnimedvqa_root=None, bench_dir="data/bench/tiny", n_images=1600, im
         root = synth.ensure_benchmark(resolve(bench_dir), n_images=n_images, seed=seed, size=image_size)
         items = data.load_omnimedvqa(root, strict=True)
     return data.split_by_image(list(items), test_frac=test_frac, seed=seed)
+
+
+def _run_dropping_result(threads, fn, args, kwargs) -> None:
+    from . import set_threads
+
+    set_threads(threads)
+    fn(*args, **kwargs)
+
+
+def background(fn, *args, threads: int = 1, **kwargs):
+    """Start ``fn(*args, **kwargs)`` in a fresh process with ``threads`` torch threads; returns a
+    ``concurrent.futures.Future`` whose ``result()`` waits for it and re-raises its error.
+
+    For training runs that cache their model on disk (``sft.ensure_*``, ``grpo.ensure_grpo``):
+    the return value is dropped, so load the model afterwards with the same call. ``fn`` and its
+    arguments must be picklable (module-level functions, ``functools.partial`` of them; no
+    lambdas). On the 2-core default machine two single-threaded runs take the time of one."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    job = pool.submit(_run_dropping_result, threads, fn, args, kwargs)
+    pool.shutdown(wait=False)  # the job still runs to its end; the worker exits after it
+    return job

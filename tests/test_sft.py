@@ -264,3 +264,11 @@ def test_variants_trained_in_parallel_processes_equal_sequential_training(items,
         assert json.loads((tmp_path / "par" / f"sft-{v}" / "done.json").read_text())["steps"] == 3
     with pytest.raises(ValueError, match="workers"):
         sft.ensure_sft_variants(tmp_path / "x", ["think"], items, workers=0, **kw)
+
+
+def test_background_reraises_the_workers_error():
+    from safemed_lib import workbook
+
+    job = workbook.background(sft.adversarial_settings, {"fraction": 2.0})
+    with pytest.raises(ValueError, match="fraction"):
+        job.result(timeout=300)
