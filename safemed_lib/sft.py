@@ -504,9 +504,9 @@ def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_i
                         workers: int = 1, threads: int = 1, **kwargs) -> dict:
     """``ensure_sft`` for each of ``variants``; returns {variant: VLM}.
 
-    With ``workers > 1`` the variants that still need training train at the same time, each in
+    With ``workers > 1``, ``ensure_sft`` runs for up to ``workers`` variants at a time, each in
     its own process with ``threads`` torch threads (on the 2-core default machine the two tiny
-    variants then take the time of one). The shared base is built first, in this process, so
+    variants then train in the time of one; cached ones are only loaded). The shared base is built first, in this process, so
     both start from the same weights; each run is the same computation as in this process, and
     it checkpoints and resumes the same way. ``kwargs`` go to ``ensure_sft``; use ``workers=1``
     for GPU runs (one device)."""
