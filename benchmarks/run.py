@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/run.py [--quick] [--only pgd certify ...]
 
 Each script writes its own JSON + Markdown under benchmarks/out/; this adds the end-to-end
-`make reproduce` wall time per notebook (from runs/<profile>/summary.json, if a run exists).
+`make reproduce` wall time per notebook (from runs/<profile>/summary.json, the last full run;
+a `--only` run writes summary-partial.json instead).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def end_to_end(profile: str = "tiny") -> str:
         return f"no `make reproduce` run of profile {profile} found (runs/{profile}/summary.json)\n"
     s = json.loads(summary.read_text())
     rows = [f"| {n['notebook']} | {n['status']} | {n['seconds'] / 60:.1f} |" for n in s["notebooks"]]
-    return "\n".join([f"`make reproduce` ({profile}): {s['wall_seconds'] / 60:.1f} min in all", "",
+    when = f", finished {s['finished']}" if "finished" in s else ""
+    return "\n".join([f"`make reproduce` ({profile}, the last full run{when}): {s['wall_seconds'] / 60:.1f} min in all", "",
                       "| notebook | status | minutes |", "| --- | --- | --- |", *rows]) + "\n"
 
 

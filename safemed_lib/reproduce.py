@@ -9,6 +9,10 @@ notebook receives the keys its ``parameters`` cell declares. ``-p key=value`` ov
 is kept; the run stops there (or goes on with ``--keep-going``) and exits non-zero.
 ``--prepare-only`` writes the parameterized notebooks without executing them (``make test`` hands
 those to nbval).
+
+Each run writes its timings to ``<out>/summary.json`` when it ran every notebook, and to
+``<out>/summary-partial.json`` when ``--only`` picked some: a partial run never overwrites the
+timings of the last full run (``benchmarks/run.py`` reports those).
 """
 from __future__ import annotations
 
@@ -146,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {res.status} in {res.seconds:.1f} s", flush=True)
     wall = time.time() - t_all
 
-    summary = {"profile": params["profile"], "wall_seconds": round(wall, 1),
+    summary = {"profile": params["profile"], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "wall_seconds": round(wall, 1), "partial": bool(args.only),
                "notebooks": [o.__dict__ for o in outcomes]}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary_file = out_dir / ("summary-partial.json" if args.only else "summary.json")
+    summary_file.write_text(json.dumps(summary, indent=2, default=str))
     failed = [o for o in outcomes if o.status == "failed"]
     skipped = len(books) - len(outcomes)
     print("\n" + "\n".join(f"  {o.status:8s} {o.seconds:7.1f} s  {o.notebook}" for o in outcomes))

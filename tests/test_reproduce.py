@@ -39,8 +39,22 @@ def test_profile_values_and_overrides_reach_the_notebook(books, tmp_path):
                          "--out", str(tmp_path / "out"), "-p", "y=zz"])
     assert rc == 0
     assert "x is 5 y is zz" in _outputs(tmp_path / "out" / "01_ok.ipynb")
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "out" / "summary-partial.json").read_text())
     assert summary["notebooks"][0]["parameters"] == {"x": 5, "y": "zz"}  # undeclared keys are not injected
+    assert summary["partial"] and not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_partial_run_keeps_the_full_runs_summary(books, tmp_path):
+    d, prof = books
+    out = tmp_path / "out"
+    reproduce.main(["--profile", str(prof), "--notebooks", str(d), "--out", str(out), "--keep-going"])
+    full = json.loads((out / "summary.json").read_text())
+    assert [n["notebook"] for n in full["notebooks"]] == ["01_ok.ipynb", "02_fail.ipynb", "03_after.ipynb"]
+    assert not full["partial"]
+    assert reproduce.main(["--profile", str(prof), "--notebooks", str(d), "--out", str(out), "--only", "03"]) == 0
+    assert json.loads((out / "summary.json").read_text()) == full  # untouched by the --only run
+    partial = json.loads((out / "summary-partial.json").read_text())
+    assert [n["notebook"] for n in partial["notebooks"]] == ["03_after.ipynb"]
 
 
 def test_failure_names_notebook_and_cell_keeps_partial_output_and_stops(books, tmp_path, capsys):
