@@ -196,6 +196,51 @@ def subset(items: Sequence[data.VQAItem], n: int | None, seed: int = 0) -> list[
     return [it for i, it in enumerate(items) if i in keep]
 
 
+def paired_test(a: pd.DataFrame, b: pd.DataFrame, alpha: float = 0.05) -> dict:
+    """Paired comparison of two ``evaluate`` results on the same questions: is ``b`` better than ``a``?
+
+    Rows are matched on ``question_id``; both results must hold the same questions. Returns
+    ``n``, the accuracies ``acc_a`` and ``acc_b`` (%), ``diff`` = acc_b - acc_a (points) with its
+    (1 - ``alpha``) Wald interval for paired proportions (``ci_low``, ``ci_high``), the discordant
+    counts ``b_only`` (b right, a wrong) and ``a_only``, and the two-sided exact McNemar p-value
+    (statsmodels; a binomial test on the discordant pairs). Paired, because two models scored on
+    the same questions share each question's difficulty: this is far tighter than comparing two
+    independent accuracies.
+    """
+    from scipy.stats import norm
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    sides = {}
+    for name, df in (("a", a), ("b", b)):
+        missing = [c for c in ("question_id", "correct") if c not in df.columns]
+        if missing:
+            raise ValueError(f"paired_test: result {name} has no column(s) {missing}")
+        dup = df["question_id"][df["question_id"].duplicated()].tolist()
+        if dup:
+            raise ValueError(f"paired_test: result {name} holds question(s) {dup[:3]} more than once")
+        sides[name] = df.set_index("question_id")["correct"].astype(bool)
+    ca, cb = sides["a"], sides["b"]
+    only_a, only_b = sorted(set(ca.index) - set(cb.index)), sorted(set(cb.index) - set(ca.index))
+    if only_a or only_b:
+        raise ValueError(f"paired_test: the results hold different questions ({len(only_a)} only in a, e.g. "
+                         f"{only_a[:3]}; {len(only_b)} only in b, e.g. {only_b[:3]})")
+    if ca.empty:
+        raise ValueError("paired_test: no results to compare")
+    cb = cb.loc[ca.index]
+    n = len(ca)
+    both, neither = int((ca & cb).sum()), int((~ca & ~cb).sum())
+    a_only, b_only = int((ca & ~cb).sum()), int((~ca & cb).sum())
+    p = float(mcnemar([[both, a_only], [b_only, neither]], exact=True).pvalue)
+    d = (b_only - a_only) / n
+    se = max(b_only + a_only - (b_only - a_only) ** 2 / n, 0.0) ** 0.5 / n
+    z = float(norm.ppf(1 - alpha / 2))
+    return {"n": n, "acc_a": 100 * ca.mean(), "acc_b": 100 * cb.mean(), "diff": 100 * d,
+            "ci_low": 100 * (d - z * se), "ci_high": 100 * (d + z * se), "b_only": b_only, "a_only": a_only,
+            "p_value": p}
+
+
 def compare(results: dict[str, pd.DataFrame], by: str | Sequence[str] = "modality") -> pd.DataFrame:
     """One accuracy column (%) per named result table, grouped by ``by`` (with the "All" row),
     plus the item count ``n`` of the first one; "invalid %" columns follow when any answers are invalid."""

@@ -170,3 +170,38 @@ def test_compare_puts_models_side_by_side():
     assert list(t.index) == ["CT", "MRI", "All"]
     assert list(t.columns) == ["sft", "base", "base invalid %", "n"]
     assert t.loc["All", "sft"] == 50.0 and t.loc["CT", "base invalid %"] == 100.0 and t.loc["All", "n"] == 2
+
+
+def _paired(correct, qids=None):
+    qids = qids or [f"q{i}" for i in range(len(correct))]
+    return pd.DataFrame({"question_id": qids, "correct": correct})
+
+
+def test_paired_test_counts_discordant_pairs_and_mcnemar():
+    a = _paired([True, True, False, False, True, False])
+    b = _paired([True, False, True, True, True, False])
+    r = evaluate.paired_test(a, b)
+    assert (r["n"], r["b_only"], r["a_only"]) == (6, 2, 1)
+    assert r["acc_a"] == pytest.approx(50.0) and r["diff"] == pytest.approx(100 / 6)
+    assert r["p_value"] == pytest.approx(1.0)  # 1 vs 2 discordant pairs: no evidence
+    assert r["ci_low"] < r["diff"] < r["ci_high"]
+    # rows are matched by question, not by position
+    shuffled = b.iloc[::-1].reset_index(drop=True)
+    assert evaluate.paired_test(a, shuffled) == r
+    # 10 discordant pairs all in b's favour: exact p = 2 * 0.5**10
+    many = evaluate.paired_test(_paired([False] * 10 + [True] * 5), _paired([True] * 15))
+    assert many["p_value"] == pytest.approx(2 * 0.5 ** 10) and many["ci_low"] > 0
+    same = evaluate.paired_test(a, a)
+    assert same["diff"] == 0 and same["p_value"] == 1.0 and same["ci_low"] == same["ci_high"] == 0
+
+
+def test_paired_test_refuses_unpaired_results():
+    a = _paired([True, False])
+    with pytest.raises(ValueError, match="different questions.*1 only in a"):
+        evaluate.paired_test(a, _paired([True, False], ["q0", "q9"]))
+    with pytest.raises(ValueError, match="more than once"):
+        evaluate.paired_test(a, _paired([True, False], ["q0", "q0"]))
+    with pytest.raises(ValueError, match="no column"):
+        evaluate.paired_test(a, pd.DataFrame({"question_id": ["q0", "q1"]}))
+    with pytest.raises(ValueError, match="alpha"):
+        evaluate.paired_test(a, a, alpha=1.5)
