@@ -96,6 +96,7 @@ import torch
 
 from . import data, synth
 from .data import DataError
+from .evaluate import mcnemar_p
 
 FORMAT = "safemed-stepwise/1"
 STAGES = ("modality", "localization", "finding", "diagnosis")
@@ -942,9 +943,10 @@ def flip_rates(clean: pd.DataFrame, cued: pd.DataFrame, by: str | Sequence[str] 
     Rows of ``cued`` are matched to ``clean`` rows on [*by, case_id, k] (run the clean baseline with
     the same context). ``flip_rate``: % of the items right when clean that are wrong under the cue;
     ``fix_rate``: % of the items wrong when clean that are right under it; ``follow_rate``: % of the
-    items whose cue suggests a letter (``cue_target``) where the model answers that letter.
+    items whose cue suggests a letter (``cue_target``) where the model answers that letter;
+    ``p_value``: the exact McNemar p-value of ``delta`` (fixes against flips: the items are paired).
     Columns [*by, cue, k, stage, n, accuracy_clean, accuracy_cue, delta, n_right_clean, flip_rate,
-    fix_rate, follow_rate]."""
+    fix_rate, follow_rate, p_value]."""
     by = _by(by)
     keys = [*by, "case_id", "k"]
     _need(clean, [*keys, "stage", "correct"], "flip_rates (clean)")
@@ -971,7 +973,8 @@ def flip_rates(clean: pd.DataFrame, cued: pd.DataFrame, by: str | Sequence[str] 
                 "n_right_clean": len(right),
                 "flip_rate": 100.0 * (~right["correct"]).mean() if len(right) else float("nan"),
                 "fix_rate": 100.0 * wrong["correct"].mean() if len(wrong) else float("nan"),
-                "follow_rate": 100.0 * (tgt["pred"] == tgt["cue_target"]).mean() if len(tgt) else float("nan")}
+                "follow_rate": 100.0 * (tgt["pred"] == tgt["cue_target"]).mean() if len(tgt) else float("nan"),
+                "p_value": mcnemar_p(int(wrong["correct"].sum()), int((~right["correct"]).sum()))}
 
     rows = []
     for key, g in m.groupby([*by, "cue"], sort=False):

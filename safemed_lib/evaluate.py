@@ -196,6 +196,17 @@ def subset(items: Sequence[data.VQAItem], n: int | None, seed: int = 0) -> list[
     return [it for i, it in enumerate(items) if i in keep]
 
 
+def mcnemar_p(gains: int, losses: int) -> float:
+    """Two-sided exact McNemar p-value (statsmodels) from the discordant pairs of a paired
+    comparison: ``gains`` items only the second condition got right, ``losses`` only the first.
+    1.0 when there are none."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    if min(gains, losses) < 0:
+        raise ValueError(f"mcnemar_p: counts must be >= 0, got {gains}, {losses}")
+    return float(mcnemar([[0, losses], [gains, 0]], exact=True).pvalue)
+
+
 def paired_test(a: pd.DataFrame, b: pd.DataFrame, alpha: float = 0.05) -> dict:
     """Paired comparison of two ``evaluate`` results on the same questions: is ``b`` better than ``a``?
 
@@ -208,7 +219,6 @@ def paired_test(a: pd.DataFrame, b: pd.DataFrame, alpha: float = 0.05) -> dict:
     independent accuracies.
     """
     from scipy.stats import norm
-    from statsmodels.stats.contingency_tables import mcnemar
 
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
@@ -230,9 +240,8 @@ def paired_test(a: pd.DataFrame, b: pd.DataFrame, alpha: float = 0.05) -> dict:
         raise ValueError("paired_test: no results to compare")
     cb = cb.loc[ca.index]
     n = len(ca)
-    both, neither = int((ca & cb).sum()), int((~ca & ~cb).sum())
     a_only, b_only = int((ca & ~cb).sum()), int((~ca & cb).sum())
-    p = float(mcnemar([[both, a_only], [b_only, neither]], exact=True).pvalue)
+    p = mcnemar_p(b_only, a_only)
     d = (b_only - a_only) / n
     se = max(b_only + a_only - (b_only - a_only) ** 2 / n, 0.0) ** 0.5 / n
     z = float(norm.ppf(1 - alpha / 2))

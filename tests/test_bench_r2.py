@@ -320,6 +320,7 @@ def test_flip_fix_follow_rates():
     assert fr.loc["all", "fix_rate"] == 25.0  # 1 of the 4 wrong-when-clean items fixed
     assert fr.loc["all", "follow_rate"] == 50.0  # C taken for a/1 and c/0, not for b/0, c/3
     assert fr.loc["all", "delta"] == pytest.approx(100 * (7 - 8) / 12)  # 7 right under the cue, 8 clean
+    assert fr.loc["all", "p_value"] == pytest.approx(1.0)  # 1 fix against 2 flips: exact McNemar p = 1
     with pytest.raises(ValueError, match="no clean row"):
         br.flip_rates(clean[clean["case_id"] != "c"], cued)
 

@@ -205,3 +205,11 @@ def test_paired_test_refuses_unpaired_results():
         evaluate.paired_test(a, pd.DataFrame({"question_id": ["q0", "q1"]}))
     with pytest.raises(ValueError, match="alpha"):
         evaluate.paired_test(a, a, alpha=1.5)
+
+
+def test_mcnemar_p_is_the_exact_two_sided_binomial_test():
+    assert evaluate.mcnemar_p(10, 0) == pytest.approx(2 * 0.5 ** 10) == evaluate.mcnemar_p(0, 10)
+    assert evaluate.mcnemar_p(0, 0) == 1.0 and evaluate.mcnemar_p(3, 3) == 1.0
+    assert evaluate.mcnemar_p(8, 2) == pytest.approx(0.109375)  # 2 * P(X <= 2), X ~ Bin(10, 1/2)
+    with pytest.raises(ValueError, match=">= 0"):
+        evaluate.mcnemar_p(-1, 2)
