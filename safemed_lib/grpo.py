@@ -864,3 +864,36 @@ def robustness_summary(table, *, baseline: str, robust: str, max_clean_drop: flo
         "robust clean": r["clean"], "robust PGD": r["PGD"], "PGD ratio": ratio,
         f"PGD ratio >= {min_ratio:g}": bool(ratio >= min_ratio), "clean drop (points)": drop,
         f"clean drop <= {max_clean_drop:g}": bool(drop <= max_clean_drop)}])
+
+
+def robustness_claims(overall, modes: Sequence[str], chance: float, *, detail: str = "") -> list[dict]:
+    """SafeMed-R1's two robustness claims tested on notebook 05's "All" table, as keyword
+    arguments for ``report.record_claim`` (claim_id, ours, holds, detail).
+
+    ``overall``: DataFrame indexed by model name ("SFT-think", "AT-GRPO-nothink", ...) with "clean"
+    and "PGD" accuracies (%); ``chance``: the chance accuracy (%); ``detail``: the attack, appended
+    to each claim's detail. A model within 10 points of chance does not read the image, so a
+    comparison involving one says nothing: its verdict is None ("cannot tell").
+    - *AT-GRPO robust*: every AT-GRPO-<mode> is at least 10 points above SFT-<mode> under PGD;
+    - *chain of thought more robust*: for SFT and for AT-GRPO, think beats nothink under PGD.
+    """
+    def informative(*names):
+        return all(overall.loc[n, "clean"] > chance + 10 for n in names)
+
+    at = [m for m in modes if f"AT-GRPO-{m}" in overall.index and f"SFT-{m}" in overall.index]
+    ours = "; ".join(f"AT-GRPO-{m} {overall.loc[f'AT-GRPO-{m}', 'clean']:.1f}% clean / "
+                     f"{overall.loc[f'AT-GRPO-{m}', 'PGD']:.1f}% PGD vs SFT-{m} {overall.loc[f'SFT-{m}', 'clean']:.1f}% / "
+                     f"{overall.loc[f'SFT-{m}', 'PGD']:.1f}%" for m in at)
+    holds = (all(overall.loc[f"AT-GRPO-{m}", "PGD"] >= overall.loc[f"SFT-{m}", "PGD"] + 10 for m in at)
+             if at and all(informative(f"AT-GRPO-{m}", f"SFT-{m}") for m in at) else None)
+    claims = [dict(claim_id="safemed.atgrpo_robust", ours=ours, holds=holds,
+                   detail=f"{detail}; holds = AT-GRPO at least 10 points above SFT under PGD; chance {chance:.1f}%")]
+    pairs = [(f"{k}-think", f"{k}-nothink") for k in ("SFT", "AT-GRPO")
+             if f"{k}-think" in overall.index and f"{k}-nothink" in overall.index]
+    ours = "; ".join(f"{t.rsplit('-', 1)[0]}: think {overall.loc[t, 'PGD']:.1f}% vs nothink "
+                     f"{overall.loc[n, 'PGD']:.1f}% under PGD" for t, n in pairs)
+    holds = (all(overall.loc[t, "PGD"] > overall.loc[n, "PGD"] for t, n in pairs)
+             if pairs and all(informative(t, n) for t, n in pairs) else None)
+    claims.append(dict(claim_id="safemed.cot_more_robust", ours=ours or "no think/nothink pair on this profile",
+                       holds=holds, detail=f"PGD accuracy, same attack; chance {chance:.1f}%"))
+    return claims

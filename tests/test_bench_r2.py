@@ -485,3 +485,46 @@ def test_chunks_keep_rows_aligned(bench):
     assert len(parts) == 20 and parts["question_id"].tolist() == [si.question_id for si in sis]
     assert (parts["question_id"] == parts["case_id"] + "#" + parts["stage"]).all()
     pd.testing.assert_frame_equal(whole, parts)
+
+
+def _summary(rows):
+    cols = ["acc_gold", "chain_accuracy", "slope", "flip_misleading_text", "flip_neutral", "gain_box_true",
+            "gain_hint_right", "flip_misleading_visual"]
+    return pd.DataFrame({m: dict(zip(cols, v)) for m, v in rows.items()}).T.rename_axis("model")
+
+
+def test_medr2_claims_verdicts_follow_the_fixed_tests():
+    summary = _summary({"m1": [60, 30, -10, 40, 20, 2, 5, 30], "m2": [50, 20, 5, 30, 10, 6, 1, 20],
+                        "r2-stepwise": [55, 25, -4, 10, 10, 0, 0, 10], "r2-plain": [45, 15, -6, 30, 10, 0, 0, 30],
+                        "chance": [25, 5, 9, 90, 0, 50, 0, 90]})  # below CLAIM_MIN_ACC: left out
+    flips = pd.DataFrame({"cue": ["hint_wrong", "hint_wrong", "hint_wrong"], "stage": ["all", "all", "modality"],
+                          "follow_rate": [40.0, 60.0, 99.0]})
+    c = {x["claim_id"]: x for x in br.medr2_claims(summary, flips)}
+    assert set(c) == {"medr2.stage_degradation", "medr2.misleading_cues", "medr2.visual_cues", "medr2.stepwise_ft"}
+    assert c["medr2.stage_degradation"]["holds"] is True  # 3 of the 4 informative slopes are negative
+    assert c["medr2.stage_degradation"]["detail"].startswith("3/4 models")
+    assert "chance: 5% chain, slope +9.0" in c["medr2.stage_degradation"]["ours"]  # shown, but not counted
+    assert c["medr2.misleading_cues"]["holds"] is True  # mean 27.5 vs 12.5
+    assert "flip 27.5% of right answers (neutral sentence: 12.5%)" in c["medr2.misleading_cues"]["ours"]
+    assert "taken 50.0% of the time" in c["medr2.misleading_cues"]["ours"]  # the "all" rows only
+    assert c["medr2.visual_cues"]["holds"] is True and "+2.0 points" in c["medr2.visual_cues"]["ours"]
+    assert c["medr2.stepwise_ft"]["holds"] is True  # 10 vs 30
+    assert "stepwise 10.0% vs plain 30.0%" in c["medr2.stepwise_ft"]["ours"]
+
+
+def test_medr2_claims_cannot_tell_without_informative_models():
+    summary = _summary({"a": [25, 5, -9, 40, 10, 1, 0, 20], "r2-stepwise": [30, 5, -1, 10, 10, 0, 0, 10],
+                        "r2-plain": [20, 5, -1, 30, 10, 0, 0, 30]})
+    c = {x["claim_id"]: x for x in br.medr2_claims(summary)}
+    assert all(x["holds"] is None for x in c.values())
+    assert "flip 26.7% of right answers" in c["medr2.misleading_cues"]["ours"]  # numbers over all models
+    assert "taken nan%" in c["medr2.misleading_cues"]["ours"]  # no flip table given
+    summary.loc["r2-stepwise", "acc_gold"] = summary.loc["r2-plain", "acc_gold"] = 80
+    c = {x["claim_id"]: x for x in br.medr2_claims(summary)}
+    assert c["medr2.stepwise_ft"]["holds"] is True  # both fine-tuned models now count: 10 vs 30
+    assert "flip 20.0% of right answers (neutral sentence: 10.0%)" in c["medr2.misleading_cues"]["ours"]
+    del summary["flip_misleading_visual"], summary["flip_misleading_text"]
+    c = {x["claim_id"]: x for x in br.medr2_claims(summary.drop(index="r2-plain"))}
+    assert c["medr2.stepwise_ft"] == dict(claim_id="medr2.stepwise_ft", ours="stepwise / plain models not evaluated",
+                                          holds=None, detail="same start model, images and steps")
+    assert c["medr2.misleading_cues"]["holds"] is None  # no misleading-cue flip rates

@@ -348,6 +348,28 @@ def test_robustness_summary_targets():
     assert not grpo.robustness_summary(t, baseline="SFT", robust="AT").iloc[0]["clean drop <= 10"]
 
 
+def test_robustness_claims_verdicts():
+    t = pd.DataFrame({"clean": [70.0, 65.0, 60.0, 58.0], "PGD": [30.0, 45.0, 20.0, 25.0]},
+                     index=["SFT-think", "AT-GRPO-think", "SFT-nothink", "AT-GRPO-nothink"])
+    c = {x["claim_id"]: x for x in grpo.robustness_claims(t, ["think", "nothink"], 28.0, detail="160 Qs")}
+    assert c["safemed.atgrpo_robust"]["holds"] is False  # +15 for think, +5 for nothink: not both >= 10
+    assert c["safemed.atgrpo_robust"]["ours"] == ("AT-GRPO-think 65.0% clean / 45.0% PGD vs SFT-think 70.0% / 30.0%; "
+                                                  "AT-GRPO-nothink 58.0% clean / 25.0% PGD vs SFT-nothink 60.0% / 20.0%")
+    assert c["safemed.atgrpo_robust"]["detail"].startswith("160 Qs; holds =")
+    assert c["safemed.cot_more_robust"]["holds"] is True  # 30 > 20 and 45 > 25
+    assert c["safemed.cot_more_robust"]["ours"] == ("SFT: think 30.0% vs nothink 20.0% under PGD; "
+                                                    "AT-GRPO: think 45.0% vs nothink 25.0% under PGD")
+    assert grpo.robustness_claims(t, ["think"], 28.0)[0]["holds"] is True  # think alone: +15
+    t.loc["SFT-nothink", "clean"] = 30.0  # within 10 points of chance: does not read the image
+    c = {x["claim_id"]: x for x in grpo.robustness_claims(t, ["think", "nothink"], 28.0)}
+    assert c["safemed.atgrpo_robust"]["holds"] is None and c["safemed.cot_more_robust"]["holds"] is None
+    c = {x["claim_id"]: x for x in grpo.robustness_claims(t.drop(index=["SFT-nothink", "AT-GRPO-nothink"]),
+                                                            ["think"], 28.0)}
+    assert c["safemed.cot_more_robust"] == dict(claim_id="safemed.cot_more_robust", holds=None,
+                                                ours="no think/nothink pair on this profile",
+                                                detail="PGD accuracy, same attack; chance 28.0%")
+
+
 def test_robustness_eval_attacks_and_caches(toy, tmp_path):
     items, _, test = toy
     grpo.ensure_grpo(tmp_path, "g", lambda: _fresh(toy), items, base_id="warm", mode="nothink", steps=1,
