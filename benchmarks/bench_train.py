@@ -79,8 +79,11 @@ def run(kind: str, args, vlm_path: Path, items, out: Path) -> dict:
     # ATGRPOTrainer's override runs _perturb, then GRPOTrainer's method (the timed one) via super()
     scoring = med.get("gen_and_score", 0.0) - rollouts
     update = med["step"] - med.get("gen_and_score", 0.0) - attack
+    log = grpo.read_log(out / kind)  # the share of each step's completions that saw an attacked image
+    share = float(log["adv_fraction"].iloc[k].mean()) if "adv_fraction" in log else 0.0
     return {"kind": kind, "steps_timed": len(times["step"][k]), "step_s": med["step"],
-            "attack_s": attack, "rollouts_s": rollouts, "scoring_s": scoring, "update_s": update}
+            "attack_s": attack, "rollouts_s": rollouts, "scoring_s": scoring, "update_s": update,
+            "attacked_share": share}
 
 
 def main(argv=None):
@@ -123,10 +126,11 @@ def main(argv=None):
     (out / "bench_train.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# AT-GRPO vs GRPO step time (tiny model, CPU, 1 thread)", "", f"Timed with {result['load']}.", "",
              f"Settings: {result['settings']}", "",
-             "| run | step (s) | attack (s) | rollouts (s) | scoring (s) | update (s) |", "|---|---|---|---|---|---|"]
+             "| run | step (s) | attack (s) | rollouts (s) | scoring (s) | update (s) | share attacked |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['step_s']:.3f} | {r['attack_s']:.3f} | {r['rollouts_s']:.3f} | "
-                     f"{r['scoring_s']:.3f} | {r['update_s']:.3f} |")
+                     f"{r['scoring_s']:.3f} | {r['update_s']:.3f} | {r['attacked_share']:.2f} |")
     lines += ["", f"AT-GRPO / GRPO step time: **{result['at_grpo_over_grpo']:.2f}x** (medians after one warm-up step)."]
     (out / "bench_train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

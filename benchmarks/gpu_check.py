@@ -6,7 +6,9 @@ vision: 32 blocks, width 1280, 16 heads, MLP ratio 4, patch 14, merge 2) around 
 model's tokenizer and processor (random weights emit ids outside the tiny vocabulary; they decode
 to nothing, so rewards are 0 and completions run to the full length: a worst-case timing).
 Records seconds per step (median after a warm-up step) and peak GPU memory for a few GRPO and
-AT-GRPO steps (PGD 8/255, step 2/255, ``--pgd-steps`` steps, half the questions attacked).
+AT-GRPO steps (PGD 8/255, step 2/255, ``--pgd-steps`` steps, a ``--fraction`` of the questions
+attacked: all by default, because with 2 questions a step a random half leaves some timed steps
+without any attack; the share attacked is recorded).
 
 Without a CUDA device it writes a "skipped" record with the reason and exits 0;
 ``--cpu-smoke`` runs the same code path on the CPU with a 2-layer model of the same widths
@@ -72,6 +74,7 @@ def main(argv=None):
     ap.add_argument("--g", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--pgd-steps", type=int, default=10)
+    ap.add_argument("--fraction", type=float, default=1.0, help="share of each step's questions attacked")
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true", help="2 text layers, 2 vision blocks, 56 px, on the CPU")
@@ -109,21 +112,26 @@ def main(argv=None):
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            adv = None if kind == "grpo" else dict(eps=8 / 255, alpha=2 / 255, steps=args.pgd_steps, fraction=0.5,
-                                                   measure_success=False)
+            adv = None if kind == "grpo" else dict(eps=8 / 255, alpha=2 / 255, steps=args.pgd_steps,
+                                                   fraction=args.fraction, measure_success=False)
             t0 = time.perf_counter()
             vlm = grpo.train_grpo(vlm, train, mode="think", steps=steps, lr=1e-6, num_generations=args.g,
                                   batch_size=args.batch_size, beta=0.04, max_completion_length=args.max_len,
                                   out_dir=tmp / kind, resume=False, save_steps=10 ** 6, device=device,
                                   lora=True if args.lora else None,
-                                  gradient_checkpointing=args.gradient_checkpointing, image_size=size)
+                                  gradient_checkpointing=args.gradient_checkpointing, image_size=size,
+                                  adversarial=adv)
             wall = time.perf_counter() - t0
             log = grpo.read_log(tmp / kind)
             times = log["step_time"].tolist()
             run = {"kind": kind, "params": n_params, "steps": len(times), "wall_s": wall,
                    "step_s_median": statistics.median(times[1:] or times), "step_s_all": times,
                    "completion_length": float(log["completion_length"].mean())}
-            if "adv_seconds" in log:
+            if kind == "at-grpo":  # no attack column at all: no step attacked anything
+                run["attacked_share"] = float(log["adv_fraction"].mean()) if "adv_fraction" in log else 0.0
+                if not run["attacked_share"] > 0:
+                    raise RuntimeError("the AT-GRPO run attacked no question: its timing would be GRPO's "
+                                       f"(fraction {args.fraction}, {len(times)} steps)")
                 run["attack_s_median"] = float(log["adv_seconds"].dropna().median())
             if device == "cuda":
                 run["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -132,10 +140,16 @@ def main(argv=None):
     record.update(status="ok", device=device, dtype=str(dtype), image_size=size, runs=runs)
     (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# {name}: Qwen2-VL-2B-sized random model, {size}x{size}, {record['dtype']}, {device}", "",
-             "| run | params | step (s, median) | attack (s) | peak memory (GiB) |", "|---|---|---|---|---|"]
+             "| run | params | step (s, median) | attack (s, median) | share attacked | peak memory (GiB) |",
+             "|---|---|---|---|---|---|"]
+
+    def cell(r, key, fmt):
+        return format(r[key], fmt) if key in r else "-"
+
     for r in runs:
         lines.append(f"| {r['kind']} | {r['params'] / 1e9:.2f} B | {r['step_s_median']:.2f} | "
-                     f"{r.get('attack_s_median', 0):.2f} | {r.get('peak_memory_gib', float('nan')):.1f} |")
+                     f"{cell(r, 'attack_s_median', '.2f')} | {cell(r, 'attacked_share', '.2f')} | "
+                     f"{cell(r, 'peak_memory_gib', '.1f')} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return record
