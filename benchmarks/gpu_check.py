@@ -93,6 +93,7 @@ def main(argv=None):
         record.update(status="skipped", reason="no CUDA device visible to torch "
                       f"(torch {torch.__version__}, cuda build: {torch.version.cuda}); run it on a GPU machine")
         (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / f"{name}.md").write_text(f"# {name}: skipped\n\n{record['reason']}.\n")
         print(f"SKIPPED: {record['reason']}")
         return record
 

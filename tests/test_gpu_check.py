@@ -15,6 +15,7 @@ def test_gpu_check_skips_with_its_reason_without_cuda(tmp_path, capsys):
     record = gpu_check.main(["--out", str(tmp_path)])
     assert record["status"] == "skipped" and "no CUDA device" in record["reason"]
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == record
+    assert "no CUDA device" in (tmp_path / "gpu_check.md").read_text()  # benchmarks/run.py shows it
     assert "SKIPPED: no CUDA device" in capsys.readouterr().out
 
 
