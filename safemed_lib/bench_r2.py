@@ -1059,10 +1059,10 @@ def medr2_claims(summary: pd.DataFrame, flips: pd.DataFrame | None = None, min_a
     ``report.record_claim`` (claim_id, ours, holds, detail).
 
     ``summary``: :func:`summary_table` by model; ``flips``: :func:`flip_rates` by model (its "all"
-    rows: how often a wrong hint's letter is taken, averaged over the models). The tests were fixed before looking at the numbers. Only
-    models whose mean stage accuracy after the gold answers (``acc_gold``) is above ``min_acc``
-    count; with none, every verdict is None ("cannot tell") and the numbers shown are means over
-    all models.
+    rows: how often a wrong hint's letter is taken, averaged over the models). The tests were
+    fixed before looking at the numbers. Only models whose mean stage accuracy after the gold
+    answers (``acc_gold``) is above ``min_acc`` count; with none, every verdict is None ("cannot
+    tell") and the numbers shown are means over all models.
     - *stage degradation* holds when most of those models' clean-chain slope is negative;
     - *misleading cues* hold when the misleading text cues flip more right answers than the neutral
       sentence does;
