@@ -506,10 +506,10 @@ def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_i
 
     With ``workers > 1``, ``ensure_sft`` runs for up to ``workers`` variants at a time, each in
     its own process with ``threads`` torch threads (on the 2-core default machine the two tiny
-    variants then train in the time of one; cached ones are only loaded). The shared base is built first, in this process, so
-    both start from the same weights; each run is the same computation as in this process, and
-    it checkpoints and resumes the same way. ``kwargs`` go to ``ensure_sft``; use ``workers=1``
-    for GPU runs (one device)."""
+    variants then train in the time of one; cached ones are only loaded). The shared base is
+    built first, in this process, so both start from the same weights; each run is the same
+    computation as in this process, and it checkpoints and resumes the same way. ``kwargs`` go
+    to ``ensure_sft``; use ``workers=1`` for GPU runs (one device)."""
     from .workbook import background
 
     variants = list(variants)
