@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from safemed_lib import data, grpo, models, prompts, sft
+from safemed_lib import data, grpo, models, prompts, sft, workbook
 from trl import GRPOTrainer
 
 SIZE = 56
@@ -306,6 +307,61 @@ def test_accelerate_two_cpu_processes(tmp_path):
 # --------------------------------------------------------------------------- experiment helpers
 def _no_model():
     raise AssertionError("the cached results should have been read back without building a model")
+
+
+def test_generalization_tests_pair_each_cell_with_the_base_and_sft():
+    qids = [f"q{i}" for i in range(10)]
+    def rows(method, group, correct):
+        return pd.DataFrame({"method": method, "train_group": group, "question_id": qids, "correct": correct})
+    res = pd.concat([rows("base", "(base)", [1] * 5 + [0] * 5),
+                     rows("SFT", "CT", [1] * 5 + [0] * 5), rows("GRPO", "CT", [1] * 10),
+                     rows("SFT", "MRI", [0] * 10), rows("GRPO", "MRI", [1] * 5 + [0] * 5)])
+    t = grpo.generalization_tests(res).set_index(["train_group", "comparison"])
+    assert list(t.index.get_level_values(0).unique()) == ["CT", "MRI"] and len(t) == 6
+    assert t.loc[("CT", "SFT - base"), "diff (points)"] == 0 and t.loc[("CT", "SFT - base"), "p_value"] == 1.0
+    assert t.loc[("CT", "GRPO - base"), "diff (points)"] == pytest.approx(50.0)
+    assert t.loc[("CT", "GRPO - base"), "p_value"] == pytest.approx(2 * 0.5 ** 5)   # 5 fixes, 0 flips
+    assert t.loc[("MRI", "SFT - base"), "diff (points)"] == pytest.approx(-50.0)
+    assert t.loc[("MRI", "GRPO - SFT"), "diff (points)"] == pytest.approx(50.0) and (t["n"] == 10).all()
+
+
+def _matrices(base: float, sft: float, grpo_: float, groups=("CT", "MRI")) -> dict:
+    def m(v, index):
+        df = pd.DataFrame(v, index=pd.Index(index, name="train_group"), columns=list(groups))
+        return df.assign(All=df.mean(axis=1))
+    return {"base": m(base, ["(base)"]), "SFT": m(sft, list(groups)), "GRPO": m(grpo_, list(groups))}
+
+
+def test_generalization_claims_material_gain_and_chance():
+    claims = grpo.generalization_claims({"modality": _matrices(40.0, 45.0, 52.0)}, chance=29.0, detail="640 Qs")
+    (c,) = claims
+    assert c["claim_id"] == "medr1.cross_modality_gain" and c["holds"] is True
+    assert c["ours"] == "GRPO - base +12.00 points (SFT - base +5.00; GRPO mean accuracy 52.0%)"
+    assert c["detail"].startswith("640 Qs; holds = GRPO at least 10 points above the base")
+    small = grpo.generalization_claims({"question_type": _matrices(40.0, 45.0, 45.0)}, chance=29.0)
+    assert [c["claim_id"] for c in small] == ["medr1.cross_qtype_gain"] and small[0]["holds"] is False
+    assert grpo.generalization_claims({"modality": _matrices(20.0, 30.0, 30.0)}, chance=29.0, min_gain=5)[0]["holds"] \
+        is None                                                 # GRPO at 30% with chance 29%: cannot tell
+    assert grpo.generalization_claims({"modality": _matrices(40.0, 45.0, 45.0)}, chance=29.0,
+                                      min_gain=5)[0]["holds"] is True
+
+
+def test_generalization_runs_in_a_worker_process_are_read_back(toy, tmp_path):
+    """Notebook 04 trains its second protocol in a worker process (workbook.background) and reads
+    its cached runs back here: the base ensure_warmup returns must pickle, and the read-back
+    must build no model."""
+    items, path, test = toy
+    base, base_id = grpo.ensure_warmup(tmp_path, items, mode="nothink", n_items=4, steps=0, lr=0.0, batch_size=4,
+                                       image_size=SIZE, model_path=path)
+    assert torch.equal(_weights(pickle.loads(pickle.dumps(base))()), _weights(_fresh(toy)))
+    kw = dict(by="question_type", base_id=base_id, mode="nothink", image_size=SIZE,
+              sft_kwargs=dict(steps=1, lr=1e-3, batch_size=4),
+              grpo_kwargs=dict(steps=1, lr=1e-3, batch_size=4, num_generations=4, beta=0.0,
+                               max_completion_length=6), eval_batch_size=8, max_new_tokens=8, progress=None)
+    workbook.background(grpo.generalization_runs, tmp_path, items, test, base=base, **kw).result()
+    res, _ = grpo.generalization_runs(tmp_path, items, test, base=_no_model, **kw)
+    groups = {it.question_type for it in items}
+    assert set(res["train_group"]) == groups | {"(base)"} and len(res) == len(test) * (1 + 2 * len(groups))
 
 
 def test_generalization_runs_matrices_gains_and_cache(toy, tmp_path):
