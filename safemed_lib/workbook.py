@@ -42,11 +42,23 @@ def background(fn, *args, threads: int = 1, **kwargs):
     For training runs that cache their model on disk (``sft.ensure_*``, ``grpo.ensure_grpo``):
     the return value is dropped, so load the model afterwards with the same call. ``fn`` and its
     arguments must be picklable (module-level functions, ``functools.partial`` of them; no
-    lambdas). On the 2-core default machine two single-threaded runs take the time of one."""
+    lambdas). On the 2-core default machine two single-threaded runs take the time of one. The
+    worker shows no progress bars (``TQDM_DISABLE``); what ``fn`` prints still shows."""
     import multiprocessing
+    import os
     from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    job = pool.submit(_run_dropping_result, threads, fn, args, kwargs)
+    # The worker starts inside submit() and takes this environment; tqdm reads TQDM_DISABLE when
+    # imported, which unpickling fn does: set it only around the start, so this process keeps its bars.
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        job = pool.submit(_run_dropping_result, threads, fn, args, kwargs)
+    finally:
+        if before is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = before
     pool.shutdown(wait=False)  # the job still runs to its end; the worker exits after it
     return job

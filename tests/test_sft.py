@@ -1,5 +1,6 @@
 """SFT: target format, loss goes down, resumable training, cached models."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,3 +273,22 @@ def test_background_reraises_the_workers_error():
     job = workbook.background(sft.adversarial_settings, {"fraction": 2.0})
     with pytest.raises(ValueError, match="fraction"):
         job.result(timeout=300)
+
+
+def _tqdm_disabled_here(path):
+    from tqdm.auto import tqdm
+
+    Path(path).write_text(str(tqdm(range(1)).disable))
+
+
+def test_background_worker_shows_no_progress_bars_and_the_caller_keeps_its_own(tmp_path):
+    """A worker's bars would interleave with the notebook's; the caller's environment is restored."""
+    import os
+
+    from safemed_lib import workbook
+    from tqdm.auto import tqdm
+
+    before = os.environ.get("TQDM_DISABLE")
+    workbook.background(_tqdm_disabled_here, tmp_path / "state").result(timeout=300)
+    assert (tmp_path / "state").read_text() == "True"
+    assert os.environ.get("TQDM_DISABLE") == before and tqdm(range(1), file=open(os.devnull, "w")).disable is False
