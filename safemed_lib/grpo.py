@@ -49,7 +49,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from accelerate import PartialState
 from trl import GRPOConfig, GRPOTrainer
 
-from . import attacks, data, prompts
+from . import attacks, data, prompts, report
 from .records import atomic_write_text
 
 TRL_VERSION = "1.16.0"  # the version whose private hooks ATGRPOTrainer overrides
@@ -783,10 +783,12 @@ def generalization_tests(results, alpha: float = 0.05) -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
+MATERIAL_GAIN = 10.0  # points: the gain a paper's claim of a large improvement needs on our runs
 GENERALIZATION_CLAIMS = {"modality": "medr1.cross_modality_gain", "question_type": "medr1.cross_qtype_gain"}
 
 
-def generalization_claims(matrices: dict, chance: float, *, min_gain: float = 10.0, detail: str = "") -> list[dict]:
+def generalization_claims(matrices: dict, chance: float, *, min_gain: float = MATERIAL_GAIN, detail: str = ""
+                          ) -> list[dict]:
     """Med-R1's two headline claims tested on notebook 04's matrices, as keyword arguments for
     ``report.record_claim`` (claim_id, ours, holds, detail).
 
@@ -802,7 +804,7 @@ def generalization_claims(matrices: dict, chance: float, *, min_gain: float = 10
         g = generalization_gains(matrices[by])["mean gain (points)"]
         acc = float(matrices[by]["GRPO"]["All"].mean())
         claims.append(dict(
-            claim_id=claim_id, holds=bool(g["GRPO - base"] >= min_gain) if acc > chance + 10 else None,
+            claim_id=claim_id, holds=bool(g["GRPO - base"] >= min_gain) if report.reads_image(acc, chance) else None,
             ours=f"GRPO - base {g['GRPO - base']:+.2f} points (SFT - base {g['SFT - base']:+.2f}; "
                  f"GRPO mean accuracy {acc:.1f}%)",
             detail=f"{detail}; holds = GRPO at least {min_gain:g} points above the base on average; "
@@ -926,16 +928,17 @@ def robustness_claims(overall, modes: Sequence[str], chance: float, *, detail: s
     - *chain of thought more robust*: for SFT and for AT-GRPO, think beats nothink under PGD.
     """
     def informative(*names):
-        return all(overall.loc[n, "clean"] > chance + 10 for n in names)
+        return all(report.reads_image(overall.loc[n, "clean"], chance) for n in names)
 
     at = [m for m in modes if f"AT-GRPO-{m}" in overall.index and f"SFT-{m}" in overall.index]
     ours = "; ".join(f"AT-GRPO-{m} {overall.loc[f'AT-GRPO-{m}', 'clean']:.1f}% clean / "
                      f"{overall.loc[f'AT-GRPO-{m}', 'PGD']:.1f}% PGD vs SFT-{m} {overall.loc[f'SFT-{m}', 'clean']:.1f}% / "
                      f"{overall.loc[f'SFT-{m}', 'PGD']:.1f}%" for m in at)
-    holds = (all(overall.loc[f"AT-GRPO-{m}", "PGD"] >= overall.loc[f"SFT-{m}", "PGD"] + 10 for m in at)
+    holds = (all(overall.loc[f"AT-GRPO-{m}", "PGD"] >= overall.loc[f"SFT-{m}", "PGD"] + MATERIAL_GAIN for m in at)
              if at and all(informative(f"AT-GRPO-{m}", f"SFT-{m}") for m in at) else None)
     claims = [dict(claim_id="safemed.atgrpo_robust", ours=ours, holds=holds,
-                   detail=f"{detail}; holds = AT-GRPO at least 10 points above SFT under PGD; chance {chance:.1f}%")]
+                   detail=f"{detail}; holds = AT-GRPO at least {MATERIAL_GAIN:g} points above SFT under PGD; "
+                          f"chance {chance:.1f}%")]
     pairs = [(f"{k}-think", f"{k}-nothink") for k in ("SFT", "AT-GRPO")
              if f"{k}-think" in overall.index and f"{k}-nothink" in overall.index]
     ours = "; ".join(f"{t.rsplit('-', 1)[0]}: think {overall.loc[t, 'PGD']:.1f}% vs nothink "

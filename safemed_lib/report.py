@@ -52,6 +52,15 @@ CLAIMS = (
 _BY_ID = {c.id: c for c in CLAIMS}
 
 
+READS_IMAGE_MARGIN = 10.0  # points above chance: a model below it says nothing about a claim
+
+
+def reads_image(accuracy: float, chance: float, margin: float = READS_IMAGE_MARGIN) -> bool:
+    """Whether a model's accuracy (%) is more than ``margin`` points above ``chance`` (%): one
+    that is not does not read the image, so a claim resting on it cannot be judged."""
+    return accuracy > chance + margin
+
+
 def claims_dir(results: Path = RESULTS) -> Path:
     return Path(results) / "claims"
 

@@ -47,18 +47,12 @@ def background(fn, *args, threads: int = 1, **kwargs):
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
+    from unittest import mock
 
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     # The worker starts inside submit() and takes this environment; tqdm reads TQDM_DISABLE when
     # imported, which unpickling fn does: set it only around the start, so this process keeps its bars.
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
+    with mock.patch.dict(os.environ, {"TQDM_DISABLE": "1"}):
         job = pool.submit(_run_dropping_result, threads, fn, args, kwargs)
-    finally:
-        if before is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = before
     pool.shutdown(wait=False)  # the job still runs to its end; the worker exits after it
     return job
