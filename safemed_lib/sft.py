@@ -362,6 +362,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
 
 # --------------------------------------------------------------------------- cached models
 BASE_COPY_STEPS = 400  # pretrain.copy_pretrain steps of the tiny base (0: none)
+BASE_VISION_STEPS = 600  # pretrain.vision_pretrain steps of the tiny base (0: none; embedded benchmark only)
 TINY_MODEL = dict(hidden_size=128, layers=2)  # build_tiny_vlm arguments of the embedded default
 
 
@@ -385,42 +386,64 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _base_plan(corpus_items, image_size, seed, model_kwargs, copy_steps=None) -> tuple[list[str], dict, dict]:
-    """(tokenizer corpus, build_tiny_vlm kwargs, metadata that identifies the tiny base)."""
+def _base_plan(corpus_items, image_size, seed, model_kwargs, copy_steps=None,
+               vision_steps=None) -> tuple[list[str], dict, dict]:
+    """(tokenizer corpus, build_tiny_vlm kwargs, metadata that identifies the tiny base).
+    Vision pretraining needs the embedded benchmark's scenes: without them its steps are 0."""
+    corpus_items = list(corpus_items)
     kwargs = {**TINY_MODEL, **(model_kwargs or {}), "image_size": image_size}
-    corpus = corpus_texts(list(corpus_items))
+    corpus = corpus_texts(corpus_items)
     steps = BASE_COPY_STEPS if copy_steps is None else int(copy_steps)
+    vsteps = BASE_VISION_STEPS if vision_steps is None else int(vision_steps)
+    if not corpus_items or benchmark_root(corpus_items[0]) is None:
+        vsteps = 0
     return corpus, kwargs, {"seed": seed, "model_kwargs": kwargs, "corpus_sha1": _fingerprint(corpus),
-                            "copy_steps": steps}
+                            "copy_steps": steps, "vision_steps": vsteps}
+
+
+def _vision_pretrain_base(vlm, corpus_items, steps: int, image_size: int, seed: int) -> list[dict]:
+    """``pretrain.vision_pretrain`` on the distinct images of ``corpus_items`` (the training split)
+    with their scenes' labels."""
+    first = {}
+    for it in corpus_items:
+        first.setdefault(str(it.image_path), it)
+    items = [first[k] for k in sorted(first)]
+    labels = [pretrain.scene_labels(sc) for sc in scenes_for(items)]
+    return pretrain.vision_pretrain(vlm, data.load_images(items, size=image_size), labels, steps, seed=seed)
 
 
 def ensure_base(models_dir: str | Path, corpus_items: Sequence[data.VQAItem], *, image_size: int,
                 seed: int = 0, model_path: str | Path | None = None, model_kwargs: dict | None = None,
-                device=None, copy_steps: int | None = None):
+                device=None, copy_steps: int | None = None, vision_steps: int | None = None):
     """The starting point both SFT variants share (never trained on the benchmark's questions).
 
     With ``model_path`` (paper profile): that local Qwen2-VL / Qwen2.5-VL checkpoint, loaded with
     ``models.load_vlm``. Otherwise the tiny model, built once by ``models.build_tiny_vlm`` (tokenizer
     trained on ``corpus_texts(corpus_items)``; ``model_kwargs`` default ``TINY_MODEL``), given
     in-context copying by ``pretrain.copy_pretrain`` for ``copy_steps`` steps (default
-    ``BASE_COPY_STEPS``; random token sequences, no benchmark data) and cached in
-    ``<models_dir>/base`` with its copy log (rebuilt if its settings differ). Always returns a
-    fresh copy from disk.
+    ``BASE_COPY_STEPS``; random token sequences, no benchmark data), its vision tower pretrained
+    by ``pretrain.vision_pretrain`` for ``vision_steps`` steps (default ``BASE_VISION_STEPS``) on
+    the images of ``corpus_items`` and their scenes' labels (embedded benchmark only; never a
+    question or an answer), and cached in ``<models_dir>/base`` with both logs (rebuilt if its
+    settings differ). Always returns a fresh copy from disk.
     """
     from .paths import resolve
 
     if model_path:
         return models.load_vlm(resolve(model_path), device=device, image_size=image_size)
-    corpus, kwargs, meta = _base_plan(corpus_items, image_size, seed, model_kwargs, copy_steps)
+    corpus, kwargs, meta = _base_plan(corpus_items, image_size, seed, model_kwargs, copy_steps, vision_steps)
     base_dir = resolve(models_dir) / "base"
     if _read_json(base_dir / "done.json") != meta:
         if base_dir.exists():
             shutil.rmtree(base_dir)
         vlm = models.build_tiny_vlm(corpus, seed=seed, **kwargs)
+        base_dir.mkdir(parents=True, exist_ok=True)
         if meta["copy_steps"]:
             log = pretrain.copy_pretrain(vlm, meta["copy_steps"], seed=seed)
-            base_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(base_dir / "copy_log.json", json.dumps(log, indent=1) + "\n")
+        if meta["vision_steps"]:
+            log = _vision_pretrain_base(vlm, corpus_items, meta["vision_steps"], image_size, seed)
+            atomic_write_text(base_dir / "vision_log.json", json.dumps(log, indent=1) + "\n")
         vlm.model.eval()
         vlm.save(base_dir / "model")
         atomic_write_text(base_dir / "done.json", json.dumps(meta, indent=2) + "\n")

@@ -32,3 +32,54 @@ def test_copy_pretraining_teaches_copying_and_is_deterministic():
     assert again == log
     with pytest.raises(ValueError, match="steps"):
         pretrain.copy_pretrain(vlm, 0)
+
+
+def test_scene_labels_reads_every_attribute_and_names_a_broken_scene():
+    scene = {"image": "Images/Synth-CT/x.png", "modality": "CT", "anatomy": "pelvis", "finding": "cyst", "grade": 2,
+             "count": 1, "style": None, "lesions": [{"quadrant": "lower right"}]}
+    assert pretrain.scene_labels(scene) == {"modality": "CT", "anatomy": "pelvis", "finding": "cyst", "grade": "2",
+                                            "count": "1", "style": "none", "quadrant": "lower right"}
+    assert pretrain.scene_labels({**scene, "lesions": []})["quadrant"] == "none"
+    assert pretrain.scene_labels({k: v for k, v in scene.items() if k != "anatomy"})["anatomy"] == "none"
+    with pytest.raises(ValueError, match=r"Images/Synth-CT/x.png: missing \['modality'\]"):
+        pretrain.scene_labels({k: v for k, v in scene.items() if k != "modality"})
+
+
+def _two_class_images(n=32, size=56):
+    """Dark images labelled "dark", bright ones "bright", with a second, independent attribute."""
+    g = torch.Generator().manual_seed(0)
+    bright = torch.arange(n) % 2 == 1
+    images = torch.rand(n, 3, size, size, generator=g) * 0.3 + bright.view(-1, 1, 1, 1) * 0.6
+    labels = [{"tone": "bright" if b else "dark", "noise": str(i % 3)} for i, b in enumerate(bright.tolist())]
+    return images, labels
+
+
+def test_vision_pretraining_teaches_the_tower_only_and_is_deterministic():
+    images, labels = _two_class_images()
+
+    def run():
+        vlm = models.build_tiny_vlm(CORPUS, seed=0, hidden_size=64, image_size=56, vocab_size=400)
+        before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
+        return vlm, before, pretrain.vision_pretrain(vlm, images, labels, 60, seed=1, batch_size=16)
+
+    vlm, before, log = run()
+    assert [r["step"] for r in log] == [60] and log[-1]["accuracy"] >= 0.6  # tone learnt, noise at chance
+    changed = {k for k, v in vlm.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".visual." in k or k.startswith("visual.") for k in changed), sorted(changed)[:5]
+    assert any("merger" in k for k in changed)
+    tokens = pretrain.image_tokens(vlm, images[:4])
+    assert tokens.shape == (4, 4, 64)  # 56 px: 4x4 patches, merged 2x2
+    assert all(p.grad is None for p in vlm.model.parameters())
+    _, _, again = run()
+    assert again == log
+
+
+def test_vision_pretraining_rejects_bad_labels():
+    vlm = models.build_tiny_vlm(CORPUS, seed=0, hidden_size=64, image_size=56, vocab_size=400)
+    images, labels = _two_class_images(4)
+    with pytest.raises(ValueError, match="4 images but 3 label rows"):
+        pretrain.vision_pretrain(vlm, images, labels[:3], 5)
+    with pytest.raises(ValueError, match="keys"):
+        pretrain.vision_pretrain(vlm, images, labels[:3] + [{"tone": "dark"}], 5)
+    with pytest.raises(ValueError, match="steps"):
+        pretrain.vision_pretrain(vlm, images, labels, 0)

@@ -1,5 +1,6 @@
 """SFT: target format, loss goes down, resumable training, cached models."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,18 @@ def test_base_id_matches_the_recorded_tag(items, tmp_path):
     sft.ensure_sft(tmp_path, "nothink", items, **kw)
     done = json.loads((tmp_path / "sft-nothink" / "done.json").read_text())
     assert done["tag"] == {"base": sft.base_id(tmp_path)}
+
+
+def test_base_pretrains_copying_and_the_vision_tower_on_scene_labels_only(items, base_dir, tmp_path):
+    done = json.loads((base_dir.parent / "done.json").read_text())
+    assert (done["copy_steps"], done["vision_steps"]) == (sft.BASE_COPY_STEPS, sft.BASE_VISION_STEPS)
+    log = json.loads((base_dir.parent / "vision_log.json").read_text())
+    assert log[-1]["step"] == sft.BASE_VISION_STEPS and log[-1]["loss"] < log[0]["loss"] / 2
+    # a copy without the scene metadata (as a real OmniMedVQA root): no labels, no vision pretraining
+    bare = tmp_path / "bare"
+    shutil.copytree(sft.benchmark_root(items[0]), bare, ignore=shutil.ignore_patterns(synth.SCENES_FILE))
+    assert sft._base_plan(data.load_omnimedvqa(bare), SIZE, 0, TINY)[2]["vision_steps"] == 0
+    assert sft._base_plan(items, SIZE, 0, TINY, vision_steps=5)[2]["vision_steps"] == 5
 
 
 # --------------------------------------------------------------------------- adversarial SFT
