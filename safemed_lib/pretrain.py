@@ -102,11 +102,11 @@ def vision_pretrain(vlm, images: torch.Tensor, labels: Sequence[dict[str, str]],
     ``images``: (N,3,H,W) in [0,1]; ``labels``: N dicts with the same keys (e.g.
     :func:`scene_labels`), string values. One linear head per key reads the mean of the image's
     merged tokens (the language model attends over those tokens, so what the heads need must be
-    readable from their average); the summed cross-entropy trains tower and heads with AdamW
-    (constant ``lr``). The heads are discarded. Deterministic for a
-    ``seed`` (the caller's RNG is untouched). Returns a log row (step, loss, accuracy: the share of
-    the batch's labels right) every 100 steps and at the end. (Constant rate, no clipping: the
-    setting docs/tiny_model_learnability.md measured.)"""
+    readable from their average); the summed cross-entropy trains tower and heads with AdamW at a
+    constant ``lr``, without clipping (the setting docs/tiny_model_learnability.md measured). The
+    heads are discarded. Deterministic for a ``seed`` (the caller's RNG is untouched). Returns a
+    log row (step, loss, accuracy: the share of the batch's labels right) every 100 steps and at
+    the end."""
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if len(labels) != len(images) or not len(images):
