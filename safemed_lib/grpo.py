@@ -842,8 +842,7 @@ def ensure_warmup(models_dir: str | Path, train: Sequence[data.VQAItem], *, mode
     """The "base" of the generalization protocol for a model without pretraining: a short SFT of
     the untrained base (``sft.ensure_base``) on ``n_items`` training items drawn across ALL groups
     (a small general split standing in for Qwen2-VL's general pretraining; it teaches the answer
-    format; the vision tower fixed where ``sft.sft_freezes_vision`` says so), cached in
-    ``<models_dir>/gen-warmup``. With ``model_path`` (a pretrained checkpoint,
+    format), cached in ``<models_dir>/gen-warmup``. With ``model_path`` (a pretrained checkpoint,
     the paper profile) or ``steps=0`` the base itself is used, as in Med-R1.
     Returns (a zero-argument function giving a fresh copy from disk, an id of that model); the
     function pickles, so it can go to a worker process (``workbook.background``)."""
@@ -855,14 +854,12 @@ def ensure_warmup(models_dir: str | Path, train: Sequence[data.VQAItem], *, mode
     if model_path or steps == 0:
         return base, f"base:{base_id}"
     items = evaluate.subset(train, n_items, seed=seed)
-    freeze = sft.sft_freezes_vision(train, image_size=image_size, seed=seed)
     fp = _fingerprint({"mode": mode, "steps": steps, "lr": lr, "batch_size": batch_size, "image_size": image_size,
-                       "seed": seed, "base": base_id, **({"freeze_vision": True} if freeze else {})}, items)
+                       "seed": seed, "base": base_id}, items)
     run = _cell_dir(Path(models_dir) / "gen-warmup", fp) / "run"
     if not (run / "done.json").is_file():  # train_sft resumes an interrupted run
         sft.train_sft(first, items, variant=mode, steps=steps, lr=lr, batch_size=batch_size, image_size=image_size,
-                      out_dir=run, seed=seed, log_every=max(1, steps // 10), save_every=max(1, steps // 2),
-                      freeze_vision=freeze)
+                      out_dir=run, seed=seed, log_every=max(1, steps // 10), save_every=max(1, steps // 2))
     path = run / json.loads((run / "done.json").read_text())["model"]
     return partial(models.load_vlm, path, image_size=image_size), f"warmup:{fp}"
 

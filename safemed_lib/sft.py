@@ -174,11 +174,9 @@ def adversarial_images(vlm, images: torch.Tensor, items: Sequence[data.VQAItem],
 
 # --------------------------------------------------------------------------- training
 def _settings(variant, train_items, *, steps, lr, batch_size, image_size, seed, shuffle=True,
-              adversarial=None, freeze_vision=False) -> dict:
+              adversarial=None) -> dict:
     ids = "\n".join(sorted(it.question_id for it in train_items))
     extra = {} if adversarial is None else {"adversarial": adversarial_settings(adversarial)}
-    if freeze_vision:
-        extra["freeze_vision"] = True
     return {"variant": variant, "steps": int(steps), "lr": float(lr), "batch_size": int(batch_size),
             "image_size": image_size, "seed": int(seed), "n_train": len(train_items),
             "shuffle_options": bool(shuffle), "target_format": TARGET_FORMAT,
@@ -257,7 +255,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
               batch_size: int, image_size: int | None, out_dir: str | Path, seed: int = 0,
               log_every: int = 10, save_every: int = 100, warmup_frac: float = 0.05,
               weight_decay: float = 0.0, grad_clip: float = 1.0, shuffle: bool = True, tag: dict | None = None,
-              adversarial: dict | None = None, freeze_vision: bool = False):
+              adversarial: dict | None = None):
     """Fine-tune ``vlm`` on ``train_items`` with targets ``sft_targets(item, scene, variant)``.
 
     Minimises the mean per-token ``vlm.sequence_nll`` of the targets under the ``variant`` prompt,
@@ -275,9 +273,6 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     fraction, norm): adversarial training (Madry et al.), every batch's first ``fraction`` of
     images replaced by PGD images against the current weights (``adversarial_images``; the random
     start seeded by (seed, step), so a resumed run attacks as an uninterrupted one).
-    ``freeze_vision``: keep the vision tower (and its merger) fixed; only the language model
-    trains (``sft_freezes_vision`` says when the cached runs do). The returned model's parameters
-    are all trainable again.
 
     Returns the trained VLM (a new object when weights were restored from a checkpoint).
     """
@@ -295,8 +290,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
-                         image_size=image_size, seed=seed, shuffle=shuffle, adversarial=adversarial,
-                         freeze_vision=freeze_vision)
+                         image_size=image_size, seed=seed, shuffle=shuffle, adversarial=adversarial)
     settings["tag"] = tag
     scenes = scenes_for(train_items) if variant == "think" else [None] * len(train_items)
 
@@ -313,9 +307,6 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     step = state["step"] if state else 0
     seconds = state["seconds"] if state else 0.0
 
-    frozen = [p for p in vlm.model.model.visual.parameters() if p.requires_grad] if freeze_vision else []
-    for p in frozen:
-        p.requires_grad_(False)
     params = [p for p in vlm.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, round(warmup_frac * steps)), steps)
@@ -363,8 +354,6 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "torch_rng": torch.get_rng_state()}
             ckpt = _write_checkpoint(out_dir, vlm, state)
-    for p in frozen:
-        p.requires_grad_(True)
     vlm.model.eval()
     atomic_write_text(out_dir / "done.json", json.dumps(
         {**settings, "model": f"{ckpt.name}/model", "seconds": round(seconds, 3)}, indent=2) + "\n")
@@ -461,17 +450,6 @@ def ensure_base(models_dir: str | Path, corpus_items: Sequence[data.VQAItem], *,
     return models.load_vlm(base_dir / "model", device=device)
 
 
-def sft_freezes_vision(corpus_items: Sequence[data.VQAItem], *, image_size: int, seed: int = 0,
-                       model_path: str | Path | None = None, model_kwargs: dict | None = None) -> bool:
-    """Whether SFT from ``ensure_base(..., corpus_items, ...)`` keeps the vision tower fixed: yes for
-    a tiny base whose tower was vision-pretrained (its pretrained features are what the SFT-think
-    model reads best: docs/tiny_model_learnability.md, eighth round), no for a checkpoint
-    (``model_path``) or a tiny base without vision pretraining."""
-    if model_path:
-        return False
-    return _base_plan(corpus_items, image_size, seed, model_kwargs)[2]["vision_steps"] > 0
-
-
 def base_id(models_dir: str | Path, model_path: str | Path | None = None) -> str:
     """A short id of the base ``ensure_base`` returns (the SFT caches record it): ``model_path``
     itself, or a fingerprint of the cached tiny base's settings and tokenizer corpus."""
@@ -491,8 +469,7 @@ def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.
     If ``done.json`` there records the same settings and the same base (the tiny base's settings
     and tokenizer corpus, or ``model_path``), the model is loaded; a matching unfinished run is
     resumed; anything else is deleted and trained afresh from
-    ``ensure_base(models_dir, corpus_items or train_items, ...)``, with the vision tower fixed where
-    ``sft_freezes_vision`` says so.
+    ``ensure_base(models_dir, corpus_items or train_items, ...)``.
     """
     from .paths import resolve
 
@@ -500,16 +477,14 @@ def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.
     corpus_items = corpus_items if corpus_items is not None else train_items
     base = str(resolve(model_path)) if model_path else \
         _fingerprint(_base_plan(corpus_items, image_size, seed, model_kwargs)[2])
-    freeze = sft_freezes_vision(corpus_items, image_size=image_size, seed=seed, model_path=model_path,
-                                model_kwargs=model_kwargs)
     out_dir = resolve(models_dir) / f"sft-{variant}"
     settings = {**_settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
-                            image_size=image_size, seed=seed, freeze_vision=freeze), "tag": {"base": base}}
+                            image_size=image_size, seed=seed), "tag": {"base": base}}
     start = lambda: ensure_base(models_dir, corpus_items, image_size=image_size, seed=seed,  # noqa: E731
                                 model_path=model_path, model_kwargs=model_kwargs, device=device)
     return _cached_run(out_dir, settings, start, train_items, variant=variant, steps=steps, lr=lr,
                        batch_size=batch_size, image_size=image_size, seed=seed, log_every=log_every,
-                       save_every=save_every, device=device, freeze_vision=freeze)
+                       save_every=save_every, device=device)
 
 
 def _cached_run(out_dir: Path, settings: dict, start, train_items, *, device=None, adversarial=None, **train_kwargs):

@@ -189,28 +189,6 @@ def test_base_pretrains_copying_and_the_vision_tower_on_scene_labels_only(items,
     assert sft._base_plan(items, SIZE, 0, TINY, vision_steps=5)[2]["vision_steps"] == 5
 
 
-def test_frozen_vision_tower_trains_only_the_language_model(items, base_dir, tmp_path):
-    vlm = models.load_vlm(base_dir)
-    before = _weights(vlm)
-    out = sft.train_sft(vlm, items, variant="nothink", steps=3, lr=1e-2, batch_size=2, image_size=SIZE,
-                        out_dir=tmp_path / "frozen", freeze_vision=True)
-    after = _weights(out)
-    changed = {k for k in after if not torch.equal(after[k], before[k])}
-    assert changed and not any(".visual." in k or k.startswith("visual.") for k in changed), sorted(changed)[:5]
-    assert all(p.requires_grad for p in out.model.parameters())  # trainable again for the caller
-    assert json.loads((tmp_path / "frozen" / "done.json").read_text())["freeze_vision"] is True
-    with pytest.raises(ValueError, match="freeze_vision"):  # its checkpoint is not resumed as another run
-        sft.train_sft(models.load_vlm(base_dir), items, variant="nothink", steps=4, lr=1e-2, batch_size=2,
-                      image_size=SIZE, out_dir=tmp_path / "frozen")
-
-
-def test_sft_from_the_vision_pretrained_tiny_base_freezes_the_tower(items, tmp_path):
-    assert sft.sft_freezes_vision(items, image_size=SIZE, model_kwargs=TINY)
-    assert not sft.sft_freezes_vision(items, image_size=SIZE, model_path=tmp_path / "any-checkpoint")
-    sft.ensure_sft(tmp_path, "nothink", items, image_size=SIZE, steps=1, lr=1e-3, batch_size=2, model_kwargs=TINY)
-    assert json.loads((tmp_path / "sft-nothink" / "done.json").read_text())["freeze_vision"] is True
-
-
 # --------------------------------------------------------------------------- adversarial SFT
 def test_adversarial_settings_complete_and_reject_bad_values():
     adv = sft.adversarial_settings({"eps": 8 / 255, "steps": 4})
