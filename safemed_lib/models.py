@@ -424,7 +424,7 @@ def _tokenizer_corpus(corpus: Sequence[str]) -> list[str]:
 def build_tiny_vlm(corpus: Sequence[str], seed: int = 0, *, arch: str = "qwen2_vl", hidden_size: int = 128,
                    layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate_size: int | None = None,
                    vision_depth: int = 2, vision_dim: int = 64, vision_heads: int = 4, image_size: int = 112,
-                   vocab_size: int = 2048) -> VLM:
+                   vocab_size: int = 2048, rope_theta: float = 1e4) -> VLM:
     """A small, untrained Qwen2-VL-architecture model (the real transformers class) for CPU work.
 
     ``corpus``: texts the byte-level BPE tokenizer is trained on (the benchmark's questions,
@@ -432,6 +432,9 @@ def build_tiny_vlm(corpus: Sequence[str], seed: int = 0, *, arch: str = "qwen2_v
     uses Qwen2's pre-tokenizer regex, Qwen2-VL's special tokens and a trimmed official chat
     template. ``arch``: "qwen2_vl" or "qwen2_5_vl". Deterministic for a ``seed`` and corpus (the
     caller's global RNG is left untouched). ``image_size`` is recorded as the model's image side.
+    ``rope_theta``: the language model's rotary base; M-RoPE gives the width section the lowest
+    frequencies, so at 1e4 and a head size of 32 the language model barely tells image columns apart
+    (docs/tiny_model_learnability.md, ninth round, measured 10 and 100: no gain).
     """
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as IP
 
@@ -447,7 +450,7 @@ def build_tiny_vlm(corpus: Sequence[str], seed: int = 0, *, arch: str = "qwen2_v
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                 max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope})
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope})
     if arch == "qwen2_vl":
         from transformers import Qwen2VLConfig as Config
         vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden_size, num_heads=vision_heads,

@@ -180,6 +180,16 @@ def test_build_is_deterministic_per_seed(vlm):
     assert [vlm.tokenizer.decode([i]) for i in letters] == [" A", " B", " C", " D", " E"]
 
 
+def test_rope_theta_reaches_the_config_and_only_moves_positions(vlm):
+    low = models.build_tiny_vlm(CORPUS, seed=0, image_size=56, rope_theta=100.0, **SMALL)
+    rope = low.model.config.text_config.rope_parameters
+    assert rope["rope_theta"] == 100.0 and vlm.model.config.text_config.rope_parameters["rope_theta"] == 1e4
+    a, b = vlm.model.state_dict(), low.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if "inv_freq" not in k)
+    x = images(2, seed=5)
+    assert not torch.allclose(logits(vlm, x, ITEMS[:2]), logits(low, x, ITEMS[:2]), atol=1e-4)
+
+
 # ------------------------------------------------------------------ save / load
 
 def test_save_writes_safetensors_and_round_trips(vlm, saved):
