@@ -393,6 +393,12 @@ class VLM:
 # ---------------------------------------------------------------------- building
 
 
+def vision_tower(vlm) -> torch.nn.Module:
+    """The vision encoder (patch embedding, blocks and the merger into the language model's width)
+    of a Qwen2-VL / Qwen2.5-VL ``VLM``."""
+    return vlm.model.model.visual
+
+
 def _train_tokenizer(corpus: Sequence[str], vocab_size: int):
     from tokenizers import Regex, Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -14,7 +14,12 @@ model's does not, and trained only through the language model's SFT loss it lear
 (docs/tiny_model_learnability.md, eighth round). :func:`vision_pretrain` is the tiny stand-in for that
 stage: a linear head per scene attribute (:data:`SCENE_ATTRIBUTES`, the image's "caption") on the
 mean of the vision tower's merged tokens, trained on the training split's images; the heads are then
-thrown away. It never sees a question, an option or an answer letter.
+thrown away. It never sees a question, an option or an answer letter. Where things are needs two more
+heads (tenth round): nothing in Qwen2-VL gives a token its absolute position as content (the tower's
+and the language model's rotary embeddings only shape attention), so each merged token also learns to
+name its row and column (Zhai et al., ICML 2022), and an attention-pooled head (learned queries, no
+positional information: the lookup the language model's attention can make) reads which image
+quadrants hold a lesion (:func:`scene_quadrants`).
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from typing import Sequence
 
 import torch
 from transformers import get_cosine_schedule_with_warmup
+
+from .models import vision_tower
 
 
 def copy_batch(vocab_size: int, batch_size: int, half_len: int, generator: torch.Generator,
@@ -69,20 +76,36 @@ def copy_pretrain(vlm, steps: int = 250, *, seed: int = 0, batch_size: int = 32,
 
 
 # ----------------------------------------------------------------------------- vision tower
-SCENE_ATTRIBUTES = ("modality", "anatomy", "finding", "grade", "count", "quadrant", "style")
+SCENE_ATTRIBUTES = ("modality", "anatomy", "finding", "grade", "count", "style")
+QUADRANTS = ("upper left", "upper right", "lower left", "lower right")  # synth.QUADRANTS
+
+
+def _check_scene(scene: dict) -> None:
+    missing = [k for k in ("modality", "lesions") if k not in scene]
+    if missing:
+        raise ValueError(f"scene {scene.get('image', '?')}: missing {missing}")
 
 
 def scene_labels(scene: dict) -> dict[str, str]:
     """The caption :func:`vision_pretrain` predicts for one embedded-benchmark scene
     (``synth.load_scenes`` values): each of :data:`SCENE_ATTRIBUTES` as a string, "none" where the
-    scene has no such attribute (no anatomy for a dermoscopy image, no style for an MRI), the
-    quadrant being the first lesion's. A scene without a modality or a lesion list is an error."""
-    missing = [k for k in ("modality", "lesions") if k not in scene]
-    if missing:
-        raise ValueError(f"scene {scene.get('image', '?')}: missing {missing}")
-    labels = {a: "none" if scene.get(a) is None else str(scene[a]) for a in SCENE_ATTRIBUTES if a != "quadrant"}
-    labels["quadrant"] = scene["lesions"][0]["quadrant"] if scene["lesions"] else "none"
-    return labels
+    scene has no such attribute (no anatomy for a dermoscopy image, no style for an MRI). A scene
+    without a modality or a lesion list is an error."""
+    _check_scene(scene)
+    return {a: "none" if scene.get(a) is None else str(scene[a]) for a in SCENE_ATTRIBUTES}
+
+
+def scene_quadrants(scene: dict) -> list[float]:
+    """Which of :data:`QUADRANTS` hold a lesion of the scene (1.0 / 0.0 each; all 0 for a normal
+    image). An unknown quadrant name or a broken scene is an error that names the image."""
+    _check_scene(scene)
+    where = [0.0] * len(QUADRANTS)
+    for les in scene["lesions"]:
+        if les.get("quadrant") not in QUADRANTS:
+            raise ValueError(f"scene {scene.get('image', '?')}: lesion quadrant {les.get('quadrant')!r} "
+                             f"is not one of {QUADRANTS}")
+        where[QUADRANTS.index(les["quadrant"])] = 1.0
+    return where
 
 
 def image_tokens(vlm, images: torch.Tensor) -> torch.Tensor:
@@ -95,8 +118,33 @@ def image_tokens(vlm, images: torch.Tensor) -> torch.Tensor:
     return out.reshape(images.shape[0], -1, out.shape[-1])
 
 
+class AttentionPool(torch.nn.Module):
+    """Multi-head attention pooling with learned queries (SigLIP's "MAP" head): (B, T, H) tokens to
+    (B, queries * H). It adds no positional information, so what it reads must be in the tokens'
+    content, as for the language model's attention over the image tokens."""
+
+    def __init__(self, hidden: int, queries: int = 4, heads: int = 4):
+        super().__init__()
+        self.query = torch.nn.Parameter(torch.randn(queries, hidden) * 0.02)
+        self.attention = torch.nn.MultiheadAttention(hidden, heads, batch_first=True)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.attention(self.query.expand(tokens.shape[0], -1, -1), tokens, tokens)
+        return out.flatten(1)
+
+
+def _grid_positions(vlm, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Row and column of each merged token of an image of ``image``'s size, and the merged grid."""
+    _, grid = vlm.preprocess(image[None].to(vlm.device))
+    m = vlm.model.config.vision_config.spatial_merge_size
+    h, w = int(grid[0, 1]) // m, int(grid[0, 2]) // m
+    k = torch.arange(h * w)
+    return k // w, k % w, h, w
+
+
 def vision_pretrain(vlm, images: torch.Tensor, labels: Sequence[dict[str, str]], steps: int, *, seed: int = 0,
-                    batch_size: int = 32, lr: float = 2e-3) -> list[dict]:
+                    batch_size: int = 32, lr: float = 2e-3, where: torch.Tensor | None = None,
+                    position_weight: float = 0.0) -> list[dict]:
     """Train ``vlm``'s vision tower (and its merger) in place to say what each image shows.
 
     ``images``: (N,3,H,W) in [0,1]; ``labels``: N dicts with the same keys (e.g.
@@ -106,7 +154,12 @@ def vision_pretrain(vlm, images: torch.Tensor, labels: Sequence[dict[str, str]],
     constant ``lr``, without clipping (the setting docs/tiny_model_learnability.md measured). The
     heads are discarded. Deterministic for a ``seed`` (the caller's RNG is untouched). Returns a
     log row (step, loss, accuracy: the share of the batch's labels right) every 100 steps and at
-    the end."""
+    the end.
+
+    ``where``: an optional (N, K) 0/1 tensor (e.g. :func:`scene_quadrants`), read by an
+    :class:`AttentionPool` head with binary cross-entropy (log: ``where_accuracy``, the share of
+    images with all K right). ``position_weight``: weight of a per-token loss in which every merged
+    token names its row and its column (log: ``position_accuracy``)."""
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if len(labels) != len(images) or not len(images):
@@ -114,32 +167,63 @@ def vision_pretrain(vlm, images: torch.Tensor, labels: Sequence[dict[str, str]],
     keys = sorted(labels[0])
     if any(sorted(row) != keys for row in labels):
         raise ValueError(f"vision_pretrain: every label row needs the keys {keys}")
+    if where is not None and (where.ndim != 2 or len(where) != len(images) or not bool(((where == 0) | (where == 1)).all())):
+        raise ValueError(f"vision_pretrain: where must be a 0/1 tensor of shape ({len(images)}, K), "
+                         f"got shape {tuple(where.shape)}")
+    if position_weight < 0:
+        raise ValueError(f"position_weight must be >= 0, got {position_weight!r}")
     classes = {k: sorted({row[k] for row in labels}) for k in keys}
     y = torch.tensor([[classes[k].index(row[k]) for k in keys] for row in labels])
     model = vlm.model
-    tower = model.model.visual
+    tower = vision_tower(vlm)
     was_training = model.training
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hidden = image_tokens(vlm, images[:1]).shape[-1]
+        pool = AttentionPool(hidden).to(vlm.device) if where is not None else None
         heads = torch.nn.ModuleList(torch.nn.Linear(hidden, len(classes[k])) for k in keys).to(vlm.device)
-        params = [p for p in tower.parameters() if p.requires_grad] + list(heads.parameters())
+        extra = torch.nn.ModuleList()
+        if pool is not None:
+            where_head = torch.nn.Linear(pool.query.shape[0] * hidden, where.shape[1]).to(vlm.device)
+            where = where.float().to(vlm.device)
+            extra.extend([where_head, pool])
+        if position_weight:
+            rows, cols, h, w = _grid_positions(vlm, images[0])
+            row_head, col_head = torch.nn.Linear(hidden, h).to(vlm.device), torch.nn.Linear(hidden, w).to(vlm.device)
+            rows, cols = rows.repeat(batch_size).to(vlm.device), cols.repeat(batch_size).to(vlm.device)
+            extra.extend([row_head, col_head])
+        params = [p for p in tower.parameters() if p.requires_grad] + list(heads.parameters()) + list(extra.parameters())
         opt = torch.optim.AdamW(params, lr=lr)
         g = torch.Generator().manual_seed(seed)
         model.train()
         log = []
         for step in range(1, steps + 1):
             idx = torch.randint(0, len(images), (batch_size,), generator=g)
-            pooled = image_tokens(vlm, images[idx]).mean(1)
+            tokens = image_tokens(vlm, images[idx])
+            pooled = tokens.mean(1)
             target = y[idx].to(vlm.device)
             logits = [head(pooled) for head in heads]
             loss = sum(torch.nn.functional.cross_entropy(lg, target[:, j]) for j, lg in enumerate(logits))
+            if pool is not None:
+                where_logits = where_head(pool(tokens))
+                loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(where_logits, where[idx])
+            if position_weight:
+                flat = tokens.flatten(0, 1)
+                row_logits, col_logits = row_head(flat), col_head(flat)
+                loss = loss + position_weight * (torch.nn.functional.cross_entropy(row_logits, rows)
+                                                 + torch.nn.functional.cross_entropy(col_logits, cols))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if step % 100 == 0 or step == steps:
                 acc = torch.stack([lg.argmax(-1) == target[:, j] for j, lg in enumerate(logits)]).float().mean()
-                log.append({"step": step, "loss": round(loss.item(), 4), "accuracy": round(acc.item(), 4)})
+                row = {"step": step, "loss": round(loss.item(), 4), "accuracy": round(acc.item(), 4)}
+                if pool is not None:
+                    row["where_accuracy"] = round(((where_logits > 0).float() == where[idx]).all(1).float().mean().item(), 4)
+                if position_weight:
+                    row["position_accuracy"] = round(((row_logits.argmax(-1) == rows).float().mean().item()
+                                                      + (col_logits.argmax(-1) == cols).float().mean().item()) / 2, 4)
+                log.append(row)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return log

@@ -174,9 +174,11 @@ def adversarial_images(vlm, images: torch.Tensor, items: Sequence[data.VQAItem],
 
 # --------------------------------------------------------------------------- training
 def _settings(variant, train_items, *, steps, lr, batch_size, image_size, seed, shuffle=True,
-              adversarial=None) -> dict:
+              adversarial=None, train_vision=True) -> dict:
     ids = "\n".join(sorted(it.question_id for it in train_items))
     extra = {} if adversarial is None else {"adversarial": adversarial_settings(adversarial)}
+    if not train_vision:
+        extra["train_vision"] = False
     return {"variant": variant, "steps": int(steps), "lr": float(lr), "batch_size": int(batch_size),
             "image_size": image_size, "seed": int(seed), "n_train": len(train_items),
             "shuffle_options": bool(shuffle), "target_format": TARGET_FORMAT,
@@ -255,7 +257,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
               batch_size: int, image_size: int | None, out_dir: str | Path, seed: int = 0,
               log_every: int = 10, save_every: int = 100, warmup_frac: float = 0.05,
               weight_decay: float = 0.0, grad_clip: float = 1.0, shuffle: bool = True, tag: dict | None = None,
-              adversarial: dict | None = None):
+              adversarial: dict | None = None, train_vision: bool = True):
     """Fine-tune ``vlm`` on ``train_items`` with targets ``sft_targets(item, scene, variant)``.
 
     Minimises the mean per-token ``vlm.sequence_nll`` of the targets under the ``variant`` prompt,
@@ -273,6 +275,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     fraction, norm): adversarial training (Madry et al.), every batch's first ``fraction`` of
     images replaced by PGD images against the current weights (``adversarial_images``; the random
     start seeded by (seed, step), so a resumed run attacks as an uninterrupted one).
+    ``train_vision=False`` keeps the vision tower (and its merger) fixed: only the language model
+    learns (the tiny profile's setting, which keeps what its vision pretraining taught the tokens).
 
     Returns the trained VLM (a new object when weights were restored from a checkpoint).
     """
@@ -290,7 +294,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
-                         image_size=image_size, seed=seed, shuffle=shuffle, adversarial=adversarial)
+                         image_size=image_size, seed=seed, shuffle=shuffle, adversarial=adversarial,
+                         train_vision=train_vision)
     settings["tag"] = tag
     scenes = scenes_for(train_items) if variant == "think" else [None] * len(train_items)
 
@@ -307,6 +312,9 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     step = state["step"] if state else 0
     seconds = state["seconds"] if state else 0.0
 
+    fixed = [] if train_vision else [p for p in models.vision_tower(vlm).parameters() if p.requires_grad]
+    for p in fixed:
+        p.requires_grad_(False)
     params = [p for p in vlm.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, round(warmup_frac * steps)), steps)
@@ -354,6 +362,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "torch_rng": torch.get_rng_state()}
             ckpt = _write_checkpoint(out_dir, vlm, state)
+    for p in fixed:
+        p.requires_grad_(True)
     vlm.model.eval()
     atomic_write_text(out_dir / "done.json", json.dumps(
         {**settings, "model": f"{ckpt.name}/model", "seconds": round(seconds, 3)}, indent=2) + "\n")
@@ -362,7 +372,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
 
 # --------------------------------------------------------------------------- cached models
 BASE_COPY_STEPS = 400  # pretrain.copy_pretrain steps of the tiny base (0: none)
-BASE_VISION_STEPS = 600  # pretrain.vision_pretrain steps of the tiny base (0: none; embedded benchmark only)
+BASE_VISION_STEPS = 2000  # pretrain.vision_pretrain steps of the tiny base (0: none; embedded benchmark only)
+BASE_POSITION_WEIGHT = 1.0  # its per-token row/column loss (docs/tiny_model_learnability.md, tenth round)
 TINY_MODEL = dict(hidden_size=128, layers=2)  # build_tiny_vlm arguments of the embedded default
 
 
@@ -397,19 +408,26 @@ def _base_plan(corpus_items, image_size, seed, model_kwargs, copy_steps=None,
     vsteps = BASE_VISION_STEPS if vision_steps is None else int(vision_steps)
     if not corpus_items or benchmark_root(corpus_items[0]) is None:
         vsteps = 0
-    return corpus, kwargs, {"seed": seed, "model_kwargs": kwargs, "corpus_sha1": _fingerprint(corpus),
-                            "copy_steps": steps, "vision_steps": vsteps}
+    meta = {"seed": seed, "model_kwargs": kwargs, "corpus_sha1": _fingerprint(corpus),
+            "copy_steps": steps, "vision_steps": vsteps}
+    if vsteps:
+        meta["vision_recipe"] = {"heads": "mean: scene attributes; attention pool: lesion quadrants",
+                                 "position_weight": BASE_POSITION_WEIGHT}
+    return corpus, kwargs, meta
 
 
 def _vision_pretrain_base(vlm, corpus_items, steps: int, image_size: int, seed: int) -> list[dict]:
     """``pretrain.vision_pretrain`` on the distinct images of ``corpus_items`` (the training split)
-    with their scenes' labels."""
+    with their scenes' labels and lesion quadrants, and the per-token position loss."""
     first = {}
     for it in corpus_items:
         first.setdefault(str(it.image_path), it)
     items = [first[k] for k in sorted(first)]
-    labels = [pretrain.scene_labels(sc) for sc in scenes_for(items)]
-    return pretrain.vision_pretrain(vlm, data.load_images(items, size=image_size), labels, steps, seed=seed)
+    scenes = scenes_for(items)
+    labels = [pretrain.scene_labels(sc) for sc in scenes]
+    where = torch.tensor([pretrain.scene_quadrants(sc) for sc in scenes])
+    return pretrain.vision_pretrain(vlm, data.load_images(items, size=image_size), labels, steps, seed=seed,
+                                    where=where, position_weight=BASE_POSITION_WEIGHT)
 
 
 def ensure_base(models_dir: str | Path, corpus_items: Sequence[data.VQAItem], *, image_size: int,
@@ -463,8 +481,10 @@ def base_id(models_dir: str | Path, model_path: str | Path | None = None) -> str
 def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.VQAItem], *,
                image_size: int, steps: int, lr: float, batch_size: int, seed: int = 0,
                corpus_items: Sequence[data.VQAItem] | None = None, model_path: str | Path | None = None,
-               model_kwargs: dict | None = None, log_every: int = 10, save_every: int = 100, device=None):
-    """The SFT model of ``variant``, trained once and cached in ``<models_dir>/sft-<variant>``.
+               model_kwargs: dict | None = None, log_every: int = 10, save_every: int = 100, device=None,
+               train_vision: bool = True):
+    """The SFT model of ``variant``, trained once and cached in ``<models_dir>/sft-<variant>``
+    (``train_vision``: see ``train_sft``).
 
     If ``done.json`` there records the same settings and the same base (the tiny base's settings
     and tokenizer corpus, or ``model_path``), the model is loaded; a matching unfinished run is
@@ -479,12 +499,12 @@ def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.
         _fingerprint(_base_plan(corpus_items, image_size, seed, model_kwargs)[2])
     out_dir = resolve(models_dir) / f"sft-{variant}"
     settings = {**_settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
-                            image_size=image_size, seed=seed), "tag": {"base": base}}
+                            image_size=image_size, seed=seed, train_vision=train_vision), "tag": {"base": base}}
     start = lambda: ensure_base(models_dir, corpus_items, image_size=image_size, seed=seed,  # noqa: E731
                                 model_path=model_path, model_kwargs=model_kwargs, device=device)
     return _cached_run(out_dir, settings, start, train_items, variant=variant, steps=steps, lr=lr,
                        batch_size=batch_size, image_size=image_size, seed=seed, log_every=log_every,
-                       save_every=save_every, device=device)
+                       save_every=save_every, device=device, train_vision=train_vision)
 
 
 def _cached_run(out_dir: Path, settings: dict, start, train_items, *, device=None, adversarial=None, **train_kwargs):

@@ -148,6 +148,21 @@ def test_batches_are_a_function_of_seed_and_step():
     assert sft.batch_indices(n, bs, 0, seed=1) != sft.batch_indices(n, bs, 0, seed=2)
 
 
+def test_a_fixed_vision_tower_stays_fixed_and_is_recorded(items, base_dir, tmp_path):
+    vlm = models.load_vlm(base_dir)
+    before = _weights(vlm)
+    vlm = sft.train_sft(vlm, items[:8], variant="think", steps=3, lr=1e-2, batch_size=4, image_size=SIZE,
+                        out_dir=tmp_path / "run", train_vision=False)
+    changed = {k for k, v in _weights(vlm).items() if not torch.equal(v, before[k])}
+    assert changed and not any(".visual." in k or k.startswith("visual.") for k in changed), sorted(changed)[:5]
+    assert all(p.requires_grad for p in models.vision_tower(vlm).parameters())  # given back trainable
+    assert json.loads((tmp_path / "run" / "done.json").read_text())["train_vision"] is False
+    trained = sft.train_sft(models.load_vlm(base_dir), items[:8], variant="think", steps=3, lr=1e-2, batch_size=4,
+                            image_size=SIZE, out_dir=tmp_path / "run2")
+    assert any(".visual." in k and not torch.equal(v, before[k]) for k, v in _weights(trained).items())
+    assert "train_vision" not in json.loads((tmp_path / "run2" / "done.json").read_text())
+
+
 def test_ensure_sft_shares_one_base_and_caches(items, tmp_path, monkeypatch):
     builds = []
     orig = models.build_tiny_vlm
@@ -168,6 +183,8 @@ def test_ensure_sft_shares_one_base_and_caches(items, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(_weights(again).values(), _weights(think).values()))
     with pytest.raises(AssertionError, match="cached"):  # other settings: trained afresh
         sft.ensure_sft(tmp_path, "think", items, **{**kw, "steps": 3, "lr": 2e-3})
+    with pytest.raises(AssertionError, match="cached"):  # a fixed tower is another run
+        sft.ensure_sft(tmp_path, "think", items, **kw, train_vision=False)
 
 
 def test_base_id_matches_the_recorded_tag(items, tmp_path):
@@ -182,6 +199,8 @@ def test_base_pretrains_copying_and_the_vision_tower_on_scene_labels_only(items,
     assert (done["copy_steps"], done["vision_steps"]) == (sft.BASE_COPY_STEPS, sft.BASE_VISION_STEPS)
     log = json.loads((base_dir.parent / "vision_log.json").read_text())
     assert log[-1]["step"] == sft.BASE_VISION_STEPS and log[-1]["loss"] < log[0]["loss"] / 2
+    assert {"where_accuracy", "position_accuracy"} <= set(log[-1])  # lesion quadrants and token positions
+    assert done["vision_recipe"]["position_weight"] == sft.BASE_POSITION_WEIGHT
     # a copy without the scene metadata (as a real OmniMedVQA root): no labels, no vision pretraining
     bare = tmp_path / "bare"
     shutil.copytree(sft.benchmark_root(items[0]), bare, ignore=shutil.ignore_patterns(synth.SCENES_FILE))
