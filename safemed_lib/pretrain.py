@@ -29,6 +29,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from .models import vision_tower
+from .synth import QUADRANTS
 
 
 def copy_batch(vocab_size: int, batch_size: int, half_len: int, generator: torch.Generator,
@@ -77,7 +78,6 @@ def copy_pretrain(vlm, steps: int = 250, *, seed: int = 0, batch_size: int = 32,
 
 # ----------------------------------------------------------------------------- vision tower
 SCENE_ATTRIBUTES = ("modality", "anatomy", "finding", "grade", "count", "style")
-QUADRANTS = ("upper left", "upper right", "lower left", "lower right")  # synth.QUADRANTS
 
 
 def _check_scene(scene: dict) -> None:
