@@ -104,20 +104,35 @@ def format_completion(letter: str, mode: str, rationale: str | None = None) -> s
 
 
 def option_check(options, answer: str) -> str:
-    """The closing step of this project's think rationales: every option, in the prompt's own
-    ``A)text`` form, judged in order: ``"Options: A)MRI no, B)CT scan yes, C)X-ray no."``.
+    """The closing step of this project's think rationales: every option judged in order, as
+    ``A) text``; a wrong option is written only up to its first word that differs from the right
+    option's: ``"Options: A) left no, B) right eye yes."``, ``"A) left frontal no, B) left occipital
+    lobe yes, C) right no."``.
 
     Why: the letter then follows from the reasoning by local steps a small model can learn (copy
     each option from the prompt, judge it, answer with the letter judged "yes"), instead of one
     backward lookup from the finding's text to the letter in front of it, which the tiny model
-    trained from scratch does not learn (docs/tiny_model_learnability.md)."""
+    trained from scratch does not learn. Each verdict comes right after the word that decides it,
+    so the model compares one word with the conclusion instead of a whole phrase; judged only at the
+    phrase's end, options of several words that differ in one (``left`` / ``right occipital lobe``)
+    were answered at chance. The space after ``)`` (the prompt has ``A)text``) makes the option's
+    words the same tokens as the conclusion's (docs/tiny_model_learnability.md, eleventh round)."""
     options = list(options)
     answer = answer.strip().upper()
     if answer not in LETTERS[:len(options)]:
         raise ValueError(f"answer {answer!r} is not one of the {len(options)} option letters")
-    checks = ", ".join(f"{LETTERS[i]}){opt} {'yes' if LETTERS[i] == answer else 'no'}"
-                       for i, opt in enumerate(options))
-    return f"Options: {checks}."
+    right = options[LETTERS.index(answer)].split()
+    checks = []
+    for letter, opt in zip(LETTERS, options):
+        if letter == answer:
+            checks.append(f"{letter}) {opt} yes")
+            continue
+        words = opt.split()
+        same = 0
+        while same < min(len(words), len(right)) and words[same] == right[same]:
+            same += 1
+        checks.append(f"{letter}) {' '.join(words[:same + 1])} no")
+    return f"Options: {', '.join(checks)}."
 
 
 def _letter_of(block: str) -> str | None:

@@ -47,7 +47,7 @@ from . import attacks, data, models, pretrain, prompts, synth
 from .records import atomic_write_text
 
 VARIANTS = ("think", "nothink")
-TARGET_FORMAT = 2  # bump when sft_targets changes: cached SFT models then retrain
+TARGET_FORMAT = 3  # bump when sft_targets changes: cached SFT models then retrain
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
 
 

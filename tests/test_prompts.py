@@ -138,7 +138,15 @@ def test_format_completion_round_trips_through_parser_and_rewards():
         prompts.format_completion("C", "think")
 
 
-def test_option_check_judges_every_option_in_the_prompts_form():
-    assert prompts.option_check(["MRI", "CT scan", "X-ray"], "b") == "Options: A)MRI no, B)CT scan yes, C)X-ray no."
+def test_option_check_judges_every_option_in_order():
+    assert prompts.option_check(["MRI", "CT scan", "X-ray"], "b") == "Options: A) MRI no, B) CT scan yes, C) X-ray no."
+    # a wrong option stops at its first word that differs from the right one
+    lobes = ["left frontal lobe", "left occipital lobe", "right occipital lobe"]
+    assert prompts.option_check(lobes, "B") == \
+        "Options: A) left frontal no, B) left occipital lobe yes, C) right no."
+    assert prompts.option_check(["left eye", "right eye"], "B") == "Options: A) left no, B) right eye yes."
+    # an option that is a prefix of the right one, or the right one a prefix of it, is written in full
+    assert prompts.option_check(["no finding", "no", "no finding yet"], "A") == \
+        "Options: A) no finding yes, B) no no, C) no finding yet no."
     with pytest.raises(ValueError, match="'D' is not one of the 3"):
         prompts.option_check(["MRI", "CT scan", "X-ray"], "D")

@@ -324,3 +324,20 @@ def test_background_worker_shows_no_progress_bars_and_the_caller_keeps_its_own(t
     workbook.background(_tqdm_disabled_here, tmp_path / "state").result(timeout=300)
     assert (tmp_path / "state").read_text() == "True"
     assert os.environ.get("TQDM_DISABLE") == before and tqdm(range(1), file=open(os.devnull, "w")).disable is False
+
+
+def test_option_check_repeats_the_conclusions_tokens(items, base_dir):
+    """With the tiny tokenizer, the right option's words in the option check are the very tokens the
+    rationale's conclusion ends with (``... So it is in the left lung. Options: A) left lung yes``);
+    in the prompt's glued form ``A)left`` the first word would be another token."""
+    tok = models.load_vlm(base_dir).tokenizer
+    scenes = sft.scenes_for(items)
+    multi = [(it, sc) for it, sc in zip(items, scenes) if " " in it.answer_text]
+    assert multi, "the fixture needs multi-word answers"
+    for it, scene in multi:
+        ids = tok(sft.think_rationale(it, scene), add_special_tokens=False)["input_ids"]
+        words = tok(" " + it.answer_text, add_special_tokens=False)["input_ids"]
+        hits = [i for i in range(len(ids) - len(words) + 1) if ids[i:i + len(words)] == words]
+        assert len(hits) >= 2, (it.question_id, tok.convert_ids_to_tokens(ids))
+        glued = tok(")" + it.answer_text, add_special_tokens=False)["input_ids"]
+        assert glued[:len(words)] != words
