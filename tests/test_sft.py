@@ -328,7 +328,7 @@ def test_background_worker_shows_no_progress_bars_and_the_caller_keeps_its_own(t
 
 def test_option_check_repeats_the_conclusions_tokens(items, base_dir):
     """With the tiny tokenizer, the right option's words in the option check are the very tokens the
-    rationale's conclusion ends with (``... So it is in the left lung. Options: A) left lung yes``);
+    rationale's conclusion ends with (``... So it is in the left upper zone. Options: A) left upper zone yes``);
     in the prompt's glued form ``A)left`` the first word would be another token."""
     tok = models.load_vlm(base_dir).tokenizer
     scenes = sft.scenes_for(items)
