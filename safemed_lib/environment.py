@@ -33,11 +33,29 @@ def versions() -> dict[str, str]:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def device_summary() -> dict[str, object]:
+    """Device facts. ``cpu_model`` and ``torch_cpu_capability`` (the vector instruction set torch's CPU
+    kernels use) are here because they change a CPU training run's floating-point results: the same
+    code and seed are bit-identical on one machine and not across machines
+    (docs/tiny_model_learnability.md, twelfth round)."""
     import torch
 
     info: dict[str, object] = {
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),

@@ -1,5 +1,7 @@
 import importlib.metadata
 
+import torch
+
 from safemed_lib import environment
 
 
@@ -20,3 +22,4 @@ def test_versions_and_device_summary():
     assert v["transformers"] != "not installed" and v["trl"] != "not installed"
     d = environment.device_summary()
     assert d["cpu_count"] >= 1 and d["torch_threads"] >= 1
+    assert d["cpu_model"] and d["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
