@@ -745,7 +745,7 @@ def ensure_benchmark(bench_dir: str | Path, n_images: int = 1600, seed: int = 0,
     root = bench_dir / "OmniMedVQA"
     params = dict(version=GENERATOR_VERSION, n_images=n_images, seed=seed, size=size,
                   **{k: kwargs[k] for k in sorted(kwargs)})
-    if _stamp(root) == params:
+    if read_stamp(root) == params:
         return root
     bench_dir.mkdir(parents=True, exist_ok=True)
     tmp = bench_dir / f".OmniMedVQA.tmp-{os.getpid()}-{time.time_ns()}"
@@ -759,7 +759,7 @@ def ensure_benchmark(bench_dir: str | Path, n_images: int = 1600, seed: int = 0,
         try:
             os.rename(tmp, root)
         except OSError:
-            if _stamp(root) != params:  # someone else won the race with other parameters
+            if read_stamp(root) != params:  # someone else won the race with other parameters
                 raise
     finally:
         if tmp.exists():
@@ -767,9 +767,12 @@ def ensure_benchmark(bench_dir: str | Path, n_images: int = 1600, seed: int = 0,
     return root
 
 
-def _stamp(root: Path) -> dict | None:
+def read_stamp(root: str | Path | None) -> dict | None:
+    """The parameters a generated benchmark root was made with (n_images, seed, size, ...), or None."""
+    if root is None:
+        return None
     try:
-        return json.loads((root / STAMP_FILE).read_text(encoding="utf-8"))
+        return json.loads((Path(root) / STAMP_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

@@ -341,3 +341,19 @@ def test_option_check_repeats_the_conclusions_tokens(items, base_dir):
         assert len(hits) >= 2, (it.question_id, tok.convert_ids_to_tokens(ids))
         glued = tok(")" + it.answer_text, add_special_tokens=False)["input_ids"]
         assert glued[:len(words)] != words
+
+
+def test_vision_pretraining_gets_its_own_generated_images(items, tmp_path):
+    """The base's vision pretraining sees a second generated set, BASE_PRETRAIN_IMAGES times the
+    benchmark's size and from another seed: never one of the benchmark's images."""
+    _, _, meta = sft._base_plan(items, SIZE, 0, None)
+    bench = synth.read_stamp(sft.benchmark_root(items[0]))
+    spec = meta["pretrain_images"]
+    assert spec == {"n_images": sft.BASE_PRETRAIN_IMAGES * bench["n_images"],
+                    "seed": bench["seed"] + sft.PRETRAIN_SEED_OFFSET, "size": SIZE}
+    extra = sft.pretrain_images(tmp_path, spec)
+    assert len({str(it.image_path) for it in extra}) == spec["n_images"]
+    own = {p.read_bytes() for p in (sft.benchmark_root(items[0]) / "Images").rglob("*.png")}
+    assert not own & {Path(it.image_path).read_bytes() for it in extra}
+    # without vision steps (e.g. real OmniMedVQA) there is no such set
+    assert "pretrain_images" not in sft._base_plan(items, SIZE, 0, None, vision_steps=0)[2]
