@@ -434,8 +434,9 @@ def pretrain_images(models_dir: Path, spec: dict) -> list[data.VQAItem]:
 
 
 def _vision_pretrain_base(vlm, corpus_items, steps: int, image_size: int, seed: int) -> list[dict]:
-    """``pretrain.vision_pretrain`` on the distinct images of ``corpus_items`` (the training split)
-    with their scenes' labels and lesion quadrants, and the per-token position loss."""
+    """``pretrain.vision_pretrain`` on the distinct images of ``corpus_items`` (the training split, and
+    ``pretrain_images`` when the plan has them) with their scenes' labels and lesion quadrants, and the
+    per-token position loss."""
     first = {}
     for it in corpus_items:
         first.setdefault(str(it.image_path), it)
@@ -458,8 +459,9 @@ def ensure_base(models_dir: str | Path, corpus_items: Sequence[data.VQAItem], *,
     in-context copying by ``pretrain.copy_pretrain`` for ``copy_steps`` steps (default
     ``BASE_COPY_STEPS``; random token sequences, no benchmark data), its vision tower pretrained
     by ``pretrain.vision_pretrain`` for ``vision_steps`` steps (default ``BASE_VISION_STEPS``) on
-    the images of ``corpus_items`` and their scenes' labels (embedded benchmark only; never a
-    question or an answer), and cached in ``<models_dir>/base`` with both logs (rebuilt if its
+    the images of ``corpus_items``, plus ``BASE_PRETRAIN_IMAGES`` times the benchmark's count of
+    generated images of its own (``pretrain_images``), and their scenes' labels (embedded benchmark
+    only; never a test image, a question or an answer), and cached in ``<models_dir>/base`` with both logs (rebuilt if its
     settings differ). Always returns a fresh copy from disk.
     """
     from .paths import resolve
