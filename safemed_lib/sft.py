@@ -461,8 +461,8 @@ def ensure_base(models_dir: str | Path, corpus_items: Sequence[data.VQAItem], *,
     by ``pretrain.vision_pretrain`` for ``vision_steps`` steps (default ``BASE_VISION_STEPS``) on
     the images of ``corpus_items``, plus ``BASE_PRETRAIN_IMAGES`` times the benchmark's count of
     generated images of its own (``pretrain_images``), and their scenes' labels (embedded benchmark
-    only; never a test image, a question or an answer), and cached in ``<models_dir>/base`` with both logs (rebuilt if its
-    settings differ). Always returns a fresh copy from disk.
+    only; never a test image, a question or an answer), and cached in ``<models_dir>/base`` with
+    both logs (rebuilt if its settings differ). Always returns a fresh copy from disk.
     """
     from .paths import resolve
 
