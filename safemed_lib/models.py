@@ -253,13 +253,16 @@ class VLM:
 
     # ----------------------------------------------------------------- scoring
     def sequence_nll(self, images, items: Sequence[Any], targets: Sequence[str], prompt: str = "nothink",
-                     reduction: str = "mean", add_eos: bool = True) -> torch.Tensor:
+                     reduction: str = "mean", add_eos: bool = True, extras: dict | None = None) -> torch.Tensor:
         """Teacher-forced negative log-likelihood of each target completion, shape (B,).
 
         The target is tokenized on its own (as the model would emit it after the assistant header)
         and, with ``add_eos``, followed by ``<|im_end|>``, which is scored too. ``reduction``:
         "mean" (per target token; SFT's loss) or "sum" (the sequence's total NLL = -log p(target)).
         Differentiable w.r.t. ``images`` and the weights; follows the caller's grad mode.
+        ``extras``: a dict that receives the model's outputs with hidden states and attention weights
+        (``outputs``; attention weights need eager attention), the ``inputs`` and each row's target
+        length (``lengths``), for auxiliary losses (``binding.binding_loss``).
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -271,7 +274,11 @@ class VLM:
             raise ValueError("empty target with add_eos=False: nothing to score")
         inputs, lengths = self._encode(images, items, prompt, suffixes)
         K = max(lengths)
-        logits = self.model(**inputs, logits_to_keep=K + 1).logits[:, :-1].float()  # predicts the last K tokens
+        want = extras is not None
+        out = self.model(**inputs, logits_to_keep=K + 1, output_hidden_states=want, output_attentions=want)
+        if want:
+            extras.update(outputs=out, inputs=inputs, lengths=lengths)
+        logits = out.logits[:, :-1].float()  # predicts the last K tokens
         labels = inputs["input_ids"][:, -K:]
         steps = torch.arange(K, device=labels.device)
         tmask = (steps[None, :] >= (K - torch.tensor(lengths, device=labels.device))[:, None]).float()

@@ -9,6 +9,10 @@ Two variants that differ only in their training targets:
 
 (the canonical completions of ``prompts.format_completion``, which ``prompts.format_reward`` accepts).
 
+``binding_aux`` (nothink only) adds ``binding.binding_loss``: auxiliary terms that supervise the
+option binding a small answer-only model does not learn from the letter alone
+(docs/tiny_model_learnability.md, fourteenth round).
+
 Both start from the same untrained base (one tokenizer, one initialisation, cached under
 ``<models_dir>/base``), so any difference between them comes from the targets alone.
 
@@ -43,12 +47,13 @@ from typing import Sequence
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from . import attacks, data, models, pretrain, prompts, synth
+from . import attacks, binding, data, models, pretrain, prompts, synth
 from .records import atomic_write_text
 
 VARIANTS = ("think", "nothink")
 TARGET_FORMAT = 3  # bump when sft_targets changes: cached SFT models then retrain
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
+BINDING_LOG_FIELDS = ("step", "match", "letter", "attention", "pick")  # binding_log.csv
 
 
 # --------------------------------------------------------------------------- targets
@@ -174,11 +179,17 @@ def adversarial_images(vlm, images: torch.Tensor, items: Sequence[data.VQAItem],
 
 # --------------------------------------------------------------------------- training
 def _settings(variant, train_items, *, steps, lr, batch_size, image_size, seed, shuffle=True,
-              adversarial=None, train_vision=True) -> dict:
+              adversarial=None, train_vision=True, binding_aux=None) -> dict:
     ids = "\n".join(sorted(it.question_id for it in train_items))
     extra = {} if adversarial is None else {"adversarial": adversarial_settings(adversarial)}
     if not train_vision:
         extra["train_vision"] = False
+    aux = binding.settings(binding_aux)
+    if aux is not None:
+        if variant != "nothink":
+            raise ValueError(f"binding_aux supervises an answer-first completion; variant {variant!r} "
+                             "starts with its reasoning (use it with variant='nothink')")
+        extra["binding_aux"] = aux
     return {"variant": variant, "steps": int(steps), "lr": float(lr), "batch_size": int(batch_size),
             "image_size": image_size, "seed": int(seed), "n_train": len(train_items),
             "shuffle_options": bool(shuffle), "target_format": TARGET_FORMAT,
@@ -236,14 +247,15 @@ def _write_checkpoint(out_dir: Path, vlm, state: dict) -> Path:
     return ckpt
 
 
-def _truncate_log(log: Path, step: int) -> None:
-    """Keep the log rows up to ``step`` (rows after the checkpoint are re-done on resume)."""
-    if not log.is_file():
-        return
-    with open(log, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    atomic_write_text(log, ",".join(LOG_FIELDS) + "\n" + "".join(
-        ",".join(r[k] for k in LOG_FIELDS) + "\n" for r in rows))
+def _truncate_log(log: Path, step: int, fields=LOG_FIELDS) -> None:
+    """Keep the log rows up to ``step`` (rows after the checkpoint are re-done on resume); start
+    the file with its header if it does not exist."""
+    rows = []
+    if log.is_file():
+        with open(log, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    atomic_write_text(log, ",".join(fields) + "\n" + "".join(
+        ",".join(r[k] for k in fields) + "\n" for r in rows))
 
 
 def read_log(out_dir: str | Path):
@@ -257,7 +269,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
               batch_size: int, image_size: int | None, out_dir: str | Path, seed: int = 0,
               log_every: int = 10, save_every: int = 100, warmup_frac: float = 0.05,
               weight_decay: float = 0.0, grad_clip: float = 1.0, shuffle: bool = True, tag: dict | None = None,
-              adversarial: dict | None = None, train_vision: bool = True):
+              adversarial: dict | None = None, train_vision: bool = True, binding_aux: dict | bool | None = None):
     """Fine-tune ``vlm`` on ``train_items`` with targets ``sft_targets(item, scene, variant)``.
 
     Minimises the mean per-token ``vlm.sequence_nll`` of the targets under the ``variant`` prompt,
@@ -277,6 +289,11 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     start seeded by (seed, step), so a resumed run attacks as an uninterrupted one).
     ``train_vision=False`` keeps the vision tower (and its merger) fixed: only the language model
     learns (the tiny profile's setting, which keeps what its vision pretraining taught the tokens).
+    ``binding_aux``: None, True or a dict for ``binding.settings`` (nothink only): adds
+    ``binding.binding_loss`` (option match, option letter, and the last layer's attention from the
+    answer position to the right option) to the SFT loss; its heads are trained along, kept in the
+    checkpoints' state for resuming and thrown away at the end. The parts are logged to
+    ``out_dir/binding_log.csv``; ``loss`` in ``train_log.csv`` stays the SFT loss alone.
 
     Returns the trained VLM (a new object when weights were restored from a checkpoint).
     """
@@ -295,8 +312,11 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
                          image_size=image_size, seed=seed, shuffle=shuffle, adversarial=adversarial,
-                         train_vision=train_vision)
+                         train_vision=train_vision, binding_aux=binding_aux)
     settings["tag"] = tag
+    aux = settings.get("binding_aux")
+    if aux is not None:
+        binding.check_model(vlm, aux)
     scenes = scenes_for(train_items) if variant == "think" else [None] * len(train_items)
 
     ckpt, state = _read_state(out_dir)
@@ -315,7 +335,17 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     fixed = [] if train_vision else [p for p in models.vision_tower(vlm).parameters() if p.requires_grad]
     for p in fixed:
         p.requires_grad_(False)
-    params = [p for p in vlm.model.parameters() if p.requires_grad]
+    heads = None
+    if aux is not None:
+        text = getattr(vlm.model.config, "text_config", vlm.model.config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            heads = binding.BindingHeads(text.hidden_size).to(vlm.device)
+        if state is not None:
+            heads.load_state_dict(state["binding_heads"])
+        attn_impl = vlm.model.config._attn_implementation
+        vlm.model.set_attn_implementation("eager")  # the attention term needs the weights
+    params = [p for p in vlm.model.parameters() if p.requires_grad] + (list(heads.parameters()) if heads else [])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, round(warmup_frac * steps)), steps)
     if state is not None:
@@ -324,11 +354,12 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
         torch.set_rng_state(state["torch_rng"])
     log = out_dir / "train_log.csv"
     _truncate_log(log, step)
-    if not log.is_file():
-        atomic_write_text(log, ",".join(LOG_FIELDS) + "\n")
+    if heads is not None:
+        _truncate_log(out_dir / "binding_log.csv", step, BINDING_LOG_FIELDS)
 
     vlm.model.train()
     window: list[float] = []
+    aux_window: list[dict] = []
     while step < steps:
         t0 = time.perf_counter()
         idx = batch_indices(len(train_items), batch_size, step, seed)
@@ -343,9 +374,15 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
             gen = torch.Generator(device=vlm.device).manual_seed(seed * 1_000_003 + step)
             images = adversarial_images(vlm, images, batch, targets, prompt=variant,
                                         adversarial=settings["adversarial"], generator=gen)
-        loss = vlm.sequence_nll(images, batch, targets, prompt=variant).mean()
+        extras = {} if heads is not None else None
+        loss = vlm.sequence_nll(images, batch, targets, prompt=variant, extras=extras).mean()
+        total = loss
+        if heads is not None:
+            aux_loss, parts = binding.binding_loss(vlm, heads, aux, extras, batch, variant)
+            total = loss + aux_loss
+            aux_window.append(parts)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         lr_now = scheduler.get_last_lr()[0]
@@ -357,13 +394,22 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
             with open(log, "a") as f:
                 f.write(f"{step},{sum(window) / len(window):.6f},{lr_now:.6g},{seconds:.3f}\n")
             window = []
+            if heads is not None:
+                with open(out_dir / "binding_log.csv", "a") as f:
+                    f.write(f"{step}," + ",".join(f"{sum(p[k] for p in aux_window) / len(aux_window):.6f}"
+                                                  for k in BINDING_LOG_FIELDS[1:]) + "\n")
+                aux_window = []
         if step % save_every == 0 or step == steps:
             state = {"step": step, "seconds": seconds, "settings": settings,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "torch_rng": torch.get_rng_state()}
+            if heads is not None:
+                state["binding_heads"] = heads.state_dict()
             ckpt = _write_checkpoint(out_dir, vlm, state)
     for p in fixed:
         p.requires_grad_(True)
+    if heads is not None:
+        vlm.model.set_attn_implementation(attn_impl)
     vlm.model.eval()
     atomic_write_text(out_dir / "done.json", json.dumps(
         {**settings, "model": f"{ckpt.name}/model", "seconds": round(seconds, 3)}, indent=2) + "\n")
@@ -502,9 +548,9 @@ def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.
                image_size: int, steps: int, lr: float, batch_size: int, seed: int = 0,
                corpus_items: Sequence[data.VQAItem] | None = None, model_path: str | Path | None = None,
                model_kwargs: dict | None = None, log_every: int = 10, save_every: int = 100, device=None,
-               train_vision: bool = True):
+               train_vision: bool = True, binding_aux: dict | bool | None = None):
     """The SFT model of ``variant``, trained once and cached in ``<models_dir>/sft-<variant>``
-    (``train_vision``: see ``train_sft``).
+    (``train_vision``, ``binding_aux``: see ``train_sft``).
 
     If ``done.json`` there records the same settings and the same base (the tiny base's settings
     and tokenizer corpus, or ``model_path``), the model is loaded; a matching unfinished run is
@@ -519,12 +565,13 @@ def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.
         _fingerprint(_base_plan(corpus_items, image_size, seed, model_kwargs)[2])
     out_dir = resolve(models_dir) / f"sft-{variant}"
     settings = {**_settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
-                            image_size=image_size, seed=seed, train_vision=train_vision), "tag": {"base": base}}
+                            image_size=image_size, seed=seed, train_vision=train_vision, binding_aux=binding_aux),
+                "tag": {"base": base}}
     start = lambda: ensure_base(models_dir, corpus_items, image_size=image_size, seed=seed,  # noqa: E731
                                 model_path=model_path, model_kwargs=model_kwargs, device=device)
     return _cached_run(out_dir, settings, start, train_items, variant=variant, steps=steps, lr=lr,
                        batch_size=batch_size, image_size=image_size, seed=seed, log_every=log_every,
-                       save_every=save_every, device=device, train_vision=train_vision)
+                       save_every=save_every, device=device, train_vision=train_vision, binding_aux=binding_aux)
 
 
 def _cached_run(out_dir: Path, settings: dict, start, train_items, *, device=None, adversarial=None, **train_kwargs):
@@ -564,7 +611,8 @@ def ensure_adversarial_sft(models_dir: str | Path, variant: str, train_items: Se
 
 
 def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_items: Sequence[data.VQAItem], *,
-                        workers: int = 1, threads: int = 1, **kwargs) -> dict:
+                        workers: int = 1, threads: int = 1, nothink_binding_aux: dict | bool | None = None,
+                        **kwargs) -> dict:
     """``ensure_sft`` for each of ``variants``; returns {variant: VLM}.
 
     With ``workers > 1``, ``ensure_sft`` runs for up to ``workers`` variants at a time, each in
@@ -572,7 +620,8 @@ def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_i
     variants then train in the time of one; cached ones are only loaded). The shared base is
     built first, in this process, so both start from the same weights; each run is the same
     computation as in this process, and it checkpoints and resumes the same way. ``kwargs`` go
-    to ``ensure_sft``; use ``workers=1`` for GPU runs (one device)."""
+    to ``ensure_sft``; use ``workers=1`` for GPU runs (one device). ``nothink_binding_aux`` is the
+    nothink variant's ``binding_aux`` (the think variant has none)."""
     from .workbook import background
 
     variants = list(variants)
@@ -584,8 +633,10 @@ def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_i
         ensure_base(models_dir, corpus, image_size=kwargs["image_size"], seed=kwargs.get("seed", 0),
                     model_path=kwargs.get("model_path"), model_kwargs=kwargs.get("model_kwargs"))
         for i in range(0, len(variants), workers):
-            jobs = [background(ensure_sft, models_dir, v, train_items, threads=threads, **kwargs)
+            jobs = [background(ensure_sft, models_dir, v, train_items, threads=threads, **kwargs,
+                               binding_aux=nothink_binding_aux if v == "nothink" else None)
                     for v in variants[i:i + workers]]
             for job in jobs:
                 job.result()  # re-raises a worker's error here
-    return {v: ensure_sft(models_dir, v, train_items, **kwargs) for v in variants}
+    return {v: ensure_sft(models_dir, v, train_items, **kwargs,
+                          binding_aux=nothink_binding_aux if v == "nothink" else None) for v in variants}

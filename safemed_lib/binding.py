@@ -1,0 +1,137 @@
+"""Auxiliary option-binding losses for answer-only SFT of a small model.
+
+An answer-only model has to do two things inside one forward pass: judge each option's text
+against the image, and copy the letter in front of the option that matches ("multiple-choice symbol
+binding", Robinson et al., ICLR 2023). The 2-layer tiny model trained on the letter alone stays at
+chance (docs/tiny_model_learnability.md, rounds 1-13): it learns neither step from one letter
+target per question. These losses supervise each step where a 2-layer model can do it, from the
+answer key alone (no scene metadata, so they work on any multiple-choice data):
+
+* ``match``: a linear head on the hidden state after layer ``layer`` of every option token says
+  whether its option is the right one (binary cross-entropy);
+* ``letter``: a linear head on the same states names the option's letter (cross-entropy), so the
+  letter is there to be copied;
+* ``attention``: head ``head`` of the last layer, at the position that emits the answer letter,
+  should attend to the right option's tokens (minus the log of its attention mass on them).
+
+The heads are thrown away after training: the checkpoint is the plain model, scored answer-only like
+any other. ``sft.train_sft(binding_aux=...)`` adds the weighted sum to the SFT loss.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import prompts
+
+DEFAULTS = {"match": 1.0, "letter": 1.0, "attention": 1.0, "layer": 1, "head": 0}
+
+
+def settings(binding_aux: dict | bool | None) -> dict | None:
+    """The complete settings (``DEFAULTS`` overridden by ``binding_aux``), or None for no auxiliary
+    losses. ``True`` means the defaults. Unknown keys and bad values raise, naming the key."""
+    if binding_aux is None or binding_aux is False:
+        return None
+    given = {} if binding_aux is True else dict(binding_aux)
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"binding_aux: unknown keys {unknown}; expected some of {sorted(DEFAULTS)}")
+    out = {**DEFAULTS, **given}
+    for key in ("match", "letter", "attention"):
+        if not (isinstance(out[key], (int, float)) and out[key] >= 0):
+            raise ValueError(f"binding_aux[{key!r}] must be a weight >= 0, got {out[key]!r}")
+        out[key] = float(out[key])
+    for key in ("layer", "head"):
+        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < (1 if key == "layer" else 0):
+            raise ValueError(f"binding_aux[{key!r}] must be an integer >= {1 if key == 'layer' else 0}, "
+                             f"got {out[key]!r}")
+    return out
+
+
+def check_model(vlm, cfg: dict) -> None:
+    """Raise if ``vlm``'s language model has no layer ``cfg['layer']`` below its last, or no
+    attention head ``cfg['head']``."""
+    text = getattr(vlm.model.config, "text_config", vlm.model.config)
+    if cfg["layer"] >= text.num_hidden_layers:
+        raise ValueError(f"binding_aux['layer']={cfg['layer']} must be below the language model's "
+                         f"{text.num_hidden_layers} layers (the last layer copies the letter)")
+    if cfg["head"] >= text.num_attention_heads:
+        raise ValueError(f"binding_aux['head']={cfg['head']} >= the {text.num_attention_heads} attention heads")
+
+
+def option_token_labels(vlm, item: Any, mode: str, n_image_tokens: int) -> tuple[list[int], list[int]]:
+    """For every token of ``vlm.prompt_ids(item, mode, n_image_tokens)``: whether it belongs to
+    the right option (1), a wrong one (0) or no option (-1), and the index of its option (-1)."""
+    text = vlm.chat_prompt(item, mode, n_image_tokens)
+    enc = vlm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if enc["input_ids"] != vlm.prompt_ids(item, mode, n_image_tokens):
+        raise ValueError(f"{getattr(item, 'question_id', '?')}: the prompt tokenizes differently with offsets")
+    problem = prompts.format_problem(item)
+    start = text.index(problem) + len(item.question.strip()) + 1  # format_problem: "{question} A)opt, B)opt"
+    spans = []
+    for i, option in enumerate(item.options):
+        head = f"{prompts.LETTERS[i]})"
+        if text[start:start + len(head)] != head:
+            raise ValueError(f"{getattr(item, 'question_id', '?')}: option {head} not where format_problem puts it")
+        spans.append((start + len(head), start + len(head) + len(option)))
+        start += len(head) + len(option) + 2  # ", "
+    right = [-1] * len(enc["input_ids"])
+    which = [-1] * len(enc["input_ids"])
+    answer = prompts.LETTERS.index(item.answer.strip().upper())
+    for t, (a, b) in enumerate(enc["offset_mapping"]):
+        for i, (s, e) in enumerate(spans):
+            if b > s and a < e:
+                right[t], which[t] = int(i == answer), i
+    return right, which
+
+
+class BindingHeads(torch.nn.Module):
+    """The two linear heads on the option tokens' hidden states (thrown away after training)."""
+
+    def __init__(self, hidden_size: int, n_letters: int = 5):
+        super().__init__()
+        self.match = torch.nn.Linear(hidden_size, 1)
+        self.letter = torch.nn.Linear(hidden_size, n_letters)
+
+
+def binding_loss(vlm, heads: BindingHeads, cfg: dict, extras: dict, items: Sequence[Any], mode: str,
+                 ) -> tuple[torch.Tensor, dict]:
+    """The weighted auxiliary loss for one batch and its parts (floats, plus ``pick``: the share of
+    items whose highest-scoring option token belongs to the right option).
+
+    ``extras``: what ``VLM.sequence_nll(..., extras={})`` stored (the model's outputs with hidden
+    states and attention weights, the inputs and each row's target length). The targets must start
+    with ``prompts.ANSWER_PREFIX`` (answer-first completions)."""
+    out, inputs, lengths = extras["outputs"], extras["inputs"], extras["lengths"]
+    if out.attentions is None or out.hidden_states is None:
+        raise ValueError("binding_loss needs the model's hidden states and attention weights "
+                         "(sequence_nll with extras, and eager attention)")
+    ids = inputs["input_ids"]
+    T = ids.shape[1]
+    image_id = vlm.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    n_prefix = len(vlm.tokenizer(prompts.ANSWER_PREFIX, add_special_tokens=False)["input_ids"])
+    hidden = out.hidden_states[cfg["layer"]]
+    attn = out.attentions[-1]
+    xs, ys, lx, ly, attn_terms, picks = [], [], [], [], [], 0
+    for b, item in enumerate(items):
+        right, which = option_token_labels(vlm, item, mode, int((ids[b] == image_id).sum()))
+        off = T - len(right) - lengths[b]  # left padding of row b
+        pos = [t for t, r in enumerate(right) if r >= 0]
+        h = hidden[b, [off + t for t in pos]]
+        y = torch.tensor([float(right[t]) for t in pos], device=h.device)
+        z = heads.match(h).squeeze(-1)
+        xs.append(z)
+        ys.append(y)
+        lx.append(heads.letter(h))
+        ly.append(torch.tensor([which[t] for t in pos], device=h.device))
+        picks += int(y[int(z.argmax())] == 1)
+        q = T - lengths[b] + n_prefix - 1  # the position that emits the letter
+        mass = attn[b, cfg["head"], q, [off + t for t, r in enumerate(right) if r == 1]].sum()
+        attn_terms.append(-torch.log(mass + 1e-6))
+    parts = {"match": F.binary_cross_entropy_with_logits(torch.cat(xs), torch.cat(ys)),
+             "letter": F.cross_entropy(torch.cat(lx), torch.cat(ly)),
+             "attention": torch.stack(attn_terms).mean()}
+    loss = sum(cfg[k] * v for k, v in parts.items())
+    return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "pick": picks / len(items)}

@@ -1,0 +1,106 @@
+"""Auxiliary option-binding losses for answer-only SFT (safemed_lib.binding, train_sft(binding_aux=...))."""
+import json
+import re
+
+import pytest
+import torch
+
+from safemed_lib import binding, data, models, prompts, sft, synth
+
+SIZE = 56
+TINY = dict(hidden_size=64, vocab_size=700)
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    root = synth.ensure_benchmark(tmp_path_factory.mktemp("bench"), n_images=16, seed=0, size=SIZE)
+    return data.load_omnimedvqa(root)
+
+
+@pytest.fixture(scope="module")
+def base_dir(items, tmp_path_factory):
+    models_dir = tmp_path_factory.mktemp("models")
+    sft.ensure_base(models_dir, items, image_size=SIZE, model_kwargs=TINY)
+    return models_dir / "base" / "model"
+
+
+def _weights(vlm):
+    return {k: v.detach().clone() for k, v in vlm.model.state_dict().items()}
+
+
+def test_settings_fill_defaults_and_reject_bad_values():
+    assert binding.settings(None) is None and binding.settings(False) is None
+    assert binding.settings(True) == binding.DEFAULTS
+    assert binding.settings({"attention": 2})["attention"] == 2.0
+    with pytest.raises(ValueError, match="unknown keys \\['atention'\\]"):
+        binding.settings({"atention": 1.0})
+    with pytest.raises(ValueError, match="'match'.*>= 0"):
+        binding.settings({"match": -1})
+    with pytest.raises(ValueError, match="'layer'.*>= 1"):
+        binding.settings({"layer": 0})
+
+
+def test_option_token_labels_mark_every_options_tokens(items, base_dir):
+    vlm = models.load_vlm(base_dir)
+    multi = [it for it in items if any(" " in o for o in it.options)]
+    assert multi  # options of several words are covered
+    for it in items[:6] + multi[:3]:
+        ids = vlm.prompt_ids(it, "nothink", 4)
+        right, which = binding.option_token_labels(vlm, it, "nothink", 4)
+        assert len(right) == len(which) == len(ids)
+        for i, option in enumerate(it.options):
+            text = vlm.tokenizer.decode([t for t, w in zip(ids, which) if w == i])
+            assert text.lstrip(")").strip() == option  # the glued ")" of "A)text" comes along
+            assert {r for r, w in zip(right, which) if w == i} == {int(prompts.LETTERS[i] == it.answer)}
+        assert {r for r, w in zip(right, which) if w < 0} == {-1}
+
+
+def test_binding_sft_learns_its_terms_resumes_exactly_and_saves_the_plain_model(items, base_dir, tmp_path,
+                                                                                monkeypatch):
+    kw = dict(variant="nothink", steps=12, lr=1e-2, batch_size=4, image_size=SIZE, log_every=1, save_every=6,
+              binding_aux=True)
+    reference = sft.train_sft(models.load_vlm(base_dir), items[:8], out_dir=tmp_path / "a", **kw)
+    log = sft.read_log(tmp_path / "a")
+    import pandas as pd
+    aux = pd.read_csv(tmp_path / "a" / "binding_log.csv")
+    assert list(aux.columns) == list(sft.BINDING_LOG_FIELDS) and list(aux["step"]) == list(range(1, 13))
+    assert aux[["match", "letter", "attention"]].notna().all().all()
+    assert aux["attention"].iloc[-3:].mean() < aux["attention"].iloc[:3].mean()  # the term is learnt
+    assert aux["letter"].iloc[-3:].mean() < aux["letter"].iloc[:3].mean()
+    assert list(log["step"]) == list(range(1, 13))
+    done = json.loads((tmp_path / "a" / "done.json").read_text())
+    assert done["binding_aux"] == binding.DEFAULTS
+    saved = models.load_vlm(tmp_path / "a" / done["model"])
+    assert set(_weights(saved)) == set(_weights(models.load_vlm(base_dir)))  # no auxiliary heads
+    assert reference.model.config._attn_implementation != "eager"  # restored after training
+
+    orig, calls = models.VLM.sequence_nll, {"n": 0}
+
+    def dies_in_step_8(vlm, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt("simulated kill")
+        return orig(vlm, *a, **k)
+
+    monkeypatch.setattr(models.VLM, "sequence_nll", dies_in_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        sft.train_sft(models.load_vlm(base_dir), items[:8], out_dir=tmp_path / "b", **kw)
+    monkeypatch.setattr(models.VLM, "sequence_nll", orig)
+    resumed = sft.train_sft(models.load_vlm(base_dir), items[:8], out_dir=tmp_path / "b", **kw)
+    ref, got = _weights(reference), _weights(resumed)
+    assert all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref)  # heads restored from state.pt too
+    assert pd.read_csv(tmp_path / "b" / "binding_log.csv")["step"].tolist() == list(range(1, 13))
+    plain = sft.train_sft(models.load_vlm(base_dir), items[:8], out_dir=tmp_path / "plain",
+                          **{**kw, "binding_aux": None})
+    assert any(not torch.equal(ref[k], v) for k, v in _weights(plain).items())
+    with pytest.raises(ValueError, match="different run"):
+        sft.train_sft(resumed, items[:8], out_dir=tmp_path / "b", **{**kw, "binding_aux": {"attention": 2.0}})
+
+
+def test_binding_aux_is_for_answer_first_targets_and_existing_layers(items, base_dir, tmp_path):
+    with pytest.raises(ValueError, match="variant 'think'"):
+        sft.train_sft(models.load_vlm(base_dir), items[:4], variant="think", steps=1, lr=1e-3, batch_size=2,
+                      image_size=SIZE, out_dir=tmp_path / "t", binding_aux=True)
+    with pytest.raises(ValueError, match=re.escape("binding_aux['layer']=2 must be below the language model's 2 layers")):
+        sft.train_sft(models.load_vlm(base_dir), items[:4], variant="nothink", steps=1, lr=1e-3, batch_size=2,
+                      image_size=SIZE, out_dir=tmp_path / "n", binding_aux={"layer": 2})
