@@ -18,3 +18,22 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def items(request, tmp_path_factory):
+    """A 16-image embedded benchmark at the test module's ``SIZE`` (test_sft, test_binding)."""
+    from safemed_lib import data, synth
+
+    root = synth.ensure_benchmark(tmp_path_factory.mktemp("bench"), n_images=16, seed=0, size=request.module.SIZE)
+    return data.load_omnimedvqa(root)
+
+
+@pytest.fixture(scope="module")
+def base_dir(request, items, tmp_path_factory):
+    """One saved untrained tiny base (the module's ``TINY`` model kwargs); every test loads its own copy."""
+    from safemed_lib import sft
+
+    models_dir = tmp_path_factory.mktemp("models")
+    sft.ensure_base(models_dir, items, image_size=request.module.SIZE, model_kwargs=request.module.TINY)
+    return models_dir / "base" / "model"

@@ -5,23 +5,10 @@ import re
 import pytest
 import torch
 
-from safemed_lib import binding, data, models, prompts, sft, synth
+from safemed_lib import binding, models, prompts, sft
 
 SIZE = 56
-TINY = dict(hidden_size=64, vocab_size=700)
-
-
-@pytest.fixture(scope="module")
-def items(tmp_path_factory):
-    root = synth.ensure_benchmark(tmp_path_factory.mktemp("bench"), n_images=16, seed=0, size=SIZE)
-    return data.load_omnimedvqa(root)
-
-
-@pytest.fixture(scope="module")
-def base_dir(items, tmp_path_factory):
-    models_dir = tmp_path_factory.mktemp("models")
-    sft.ensure_base(models_dir, items, image_size=SIZE, model_kwargs=TINY)
-    return models_dir / "base" / "model"
+TINY = dict(hidden_size=64, vocab_size=700)  # the conftest fixtures' base model
 
 
 def _weights(vlm):
