@@ -610,9 +610,20 @@ def ensure_adversarial_sft(models_dir: str | Path, variant: str, train_items: Se
                        save_every=save_every, device=device, adversarial=adversarial)
 
 
+def variant_kwargs(variant: str, *, steps: int, nothink_steps: int | None = None,
+                   nothink_binding_aux: dict | bool | None = None, **kwargs) -> dict:
+    """``ensure_sft``'s keyword arguments for ``variant`` from a profile's ``sft_*`` parameters:
+    the nothink variant trains ``nothink_steps`` steps (None: ``steps``) with
+    ``nothink_binding_aux``; the think variant trains ``steps`` steps with neither. Every notebook
+    that loads an SFT model goes through this, so they all name the same cached run."""
+    if variant == "nothink":
+        return {**kwargs, "steps": steps if nothink_steps is None else nothink_steps,
+                "binding_aux": nothink_binding_aux}
+    return {**kwargs, "steps": steps}
+
+
 def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_items: Sequence[data.VQAItem], *,
-                        workers: int = 1, threads: int = 1, nothink_binding_aux: dict | bool | None = None,
-                        **kwargs) -> dict:
+                        workers: int = 1, threads: int = 1, **kwargs) -> dict:
     """``ensure_sft`` for each of ``variants``; returns {variant: VLM}.
 
     With ``workers > 1``, ``ensure_sft`` runs for up to ``workers`` variants at a time, each in
@@ -620,8 +631,8 @@ def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_i
     variants then train in the time of one; cached ones are only loaded). The shared base is
     built first, in this process, so both start from the same weights; each run is the same
     computation as in this process, and it checkpoints and resumes the same way. ``kwargs`` go
-    to ``ensure_sft``; use ``workers=1`` for GPU runs (one device). ``nothink_binding_aux`` is the
-    nothink variant's ``binding_aux`` (the think variant has none)."""
+    through ``variant_kwargs`` (``nothink_steps``, ``nothink_binding_aux``) to ``ensure_sft``;
+    use ``workers=1`` for GPU runs (one device)."""
     from .workbook import background
 
     variants = list(variants)
@@ -633,10 +644,8 @@ def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_i
         ensure_base(models_dir, corpus, image_size=kwargs["image_size"], seed=kwargs.get("seed", 0),
                     model_path=kwargs.get("model_path"), model_kwargs=kwargs.get("model_kwargs"))
         for i in range(0, len(variants), workers):
-            jobs = [background(ensure_sft, models_dir, v, train_items, threads=threads, **kwargs,
-                               binding_aux=nothink_binding_aux if v == "nothink" else None)
+            jobs = [background(ensure_sft, models_dir, v, train_items, threads=threads, **variant_kwargs(v, **kwargs))
                     for v in variants[i:i + workers]]
             for job in jobs:
                 job.result()  # re-raises a worker's error here
-    return {v: ensure_sft(models_dir, v, train_items, **kwargs,
-                          binding_aux=nothink_binding_aux if v == "nothink" else None) for v in variants}
+    return {v: ensure_sft(models_dir, v, train_items, **variant_kwargs(v, **kwargs)) for v in variants}

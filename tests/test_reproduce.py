@@ -95,3 +95,16 @@ def test_shipped_profiles_load():
     for name in ("smoke", "tiny", "paper"):
         p = reproduce.load_profile(name)
         assert p["profile"] == name and "seed" in p and "threads" in p
+
+
+def test_notebook_parameter_defaults_are_the_tiny_profile():
+    """A notebook opened and run by hand in JupyterLab gets the same settings as `make reproduce`
+    (e.g. every notebook that loads SFT-nothink names the same cached run)."""
+    tiny = reproduce.load_profile("tiny")
+    for nb in reproduce.find_notebooks():
+        cell = next(c for c in nbf.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        defaults = {}
+        exec(cell.source, defaults)
+        wrong = {k: (v, tiny.get(k, "<not in tiny.yaml>")) for k, v in defaults.items()
+                 if not k.startswith("__") and tiny.get(k, "<not in tiny.yaml>") != v}
+        assert not wrong, f"{nb.name}: parameter defaults differ from configs/tiny.yaml: {wrong}"

@@ -274,15 +274,30 @@ def test_ensure_adversarial_sft_starts_from_the_given_model_and_caches(items, ba
 
 
 def test_variants_trained_in_parallel_processes_equal_sequential_training(items, tmp_path):
-    kw = dict(image_size=SIZE, steps=3, lr=1e-3, batch_size=2, model_kwargs=TINY)
+    kw = dict(image_size=SIZE, steps=3, lr=1e-3, batch_size=2, model_kwargs=TINY, nothink_steps=4,
+              nothink_binding_aux={"attention": 2})
     seq = sft.ensure_sft_variants(tmp_path / "seq", ["think", "nothink"], items, workers=1, **kw)
     par = sft.ensure_sft_variants(tmp_path / "par", ["think", "nothink"], items, workers=2, **kw)
     for v in ("think", "nothink"):
         a, b = _weights(seq[v]), _weights(par[v])
         assert all(torch.equal(a[k], b[k]) for k in a), v
-        assert json.loads((tmp_path / "par" / f"sft-{v}" / "done.json").read_text())["steps"] == 3
+    think, nothink = (json.loads((tmp_path / "par" / f"sft-{v}" / "done.json").read_text()) for v in ("think", "nothink"))
+    assert think["steps"] == 3 and "binding_aux" not in think
+    assert nothink["steps"] == 4 and nothink["binding_aux"]["attention"] == 2.0
+    # a notebook that loads one variant through variant_kwargs gets the cached run, not a retrained one
+    mtime = (tmp_path / "par" / "sft-nothink" / "done.json").stat().st_mtime_ns
+    again = sft.ensure_sft(tmp_path / "par", "nothink", items, **sft.variant_kwargs("nothink", **kw))
+    assert (tmp_path / "par" / "sft-nothink" / "done.json").stat().st_mtime_ns == mtime
+    assert all(torch.equal(x, y) for x, y in zip(_weights(again).values(), _weights(par["nothink"]).values()))
     with pytest.raises(ValueError, match="workers"):
         sft.ensure_sft_variants(tmp_path / "x", ["think"], items, workers=0, **kw)
+
+
+def test_variant_kwargs_gives_nothink_its_own_steps_and_binding():
+    kw = dict(steps=10, lr=1e-3, nothink_steps=None, nothink_binding_aux=True)
+    assert sft.variant_kwargs("think", **kw) == {"steps": 10, "lr": 1e-3}
+    assert sft.variant_kwargs("nothink", **kw) == {"steps": 10, "lr": 1e-3, "binding_aux": True}
+    assert sft.variant_kwargs("nothink", **{**kw, "nothink_steps": 40})["steps"] == 40
 
 
 def test_background_reraises_the_workers_error():
