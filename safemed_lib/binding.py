@@ -12,9 +12,17 @@ answer key alone (no scene metadata, so they work on any multiple-choice data):
 * ``letter``: a linear head on the same states names the option's letter (cross-entropy), so the
   letter is there to be copied;
 * ``attention``: head ``head`` of the last layer, at the position that emits the answer letter,
-  should attend to the right option's tokens (minus the log of its attention mass on them).
+  should attend to the right option's tokens (minus the log of its attention mass on them);
+* ``content``: a linear head on the hidden state after layer ``layer`` at the position that emits
+  the letter scores each option (the mean of its tokens' logits; cross-entropy over the options),
+  so the question the last layer asks the options is already the answer's content;
+* ``scene`` (embedded benchmark only: it needs the scene metadata SFT-think's rationales come from):
+  one linear head per scene attribute (``pretrain.SCENE_ATTRIBUTES``, the vision pretraining's
+  caption) on the same state names the image's attribute, whatever the question asks, so that state
+  describes the whole image (cross-entropy per attribute, averaged). It carries to answer-only SFT
+  the per-image supervision SFT-think gets from its rationale.
 
-The heads are thrown away after training: the checkpoint is the plain model, scored answer-only like
+``content`` and ``scene`` are off at weight 0 (``DEFAULTS``). The heads are thrown away after training: the checkpoint is the plain model, scored answer-only like
 any other. ``sft.train_sft(binding_aux=...)`` adds the weighted sum to the SFT loss.
 """
 from __future__ import annotations
@@ -24,9 +32,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import prompts
+from . import pretrain, prompts
 
-DEFAULTS = {"match": 1.0, "letter": 1.0, "attention": 1.0, "layer": 1, "head": 0}
+DEFAULTS = {"match": 1.0, "letter": 1.0, "attention": 1.0, "content": 0.0, "scene": 0.0, "layer": 1, "head": 0}
 
 
 def settings(binding_aux: dict | bool | None) -> dict | None:
@@ -39,7 +47,7 @@ def settings(binding_aux: dict | bool | None) -> dict | None:
     if unknown:
         raise ValueError(f"binding_aux: unknown keys {unknown}; expected some of {sorted(DEFAULTS)}")
     out = {**DEFAULTS, **given}
-    for key in ("match", "letter", "attention"):
+    for key in ("match", "letter", "attention", "content", "scene"):
         if not (isinstance(out[key], (int, float)) and out[key] >= 0):
             raise ValueError(f"binding_aux[{key!r}] must be a weight >= 0, got {out[key]!r}")
         out[key] = float(out[key])
@@ -87,23 +95,41 @@ def option_token_labels(vlm, item: Any, mode: str, n_image_tokens: int) -> tuple
     return right, which
 
 
-class BindingHeads(torch.nn.Module):
-    """The two linear heads on the option tokens' hidden states (thrown away after training)."""
+def scene_classes(scenes: Sequence[dict]) -> dict[str, list[str]]:
+    """Each scene attribute's label set (sorted) over ``scenes`` (``synth.load_scenes`` values)."""
+    labels = [pretrain.scene_labels(s) for s in scenes]
+    return {a: sorted({lab[a] for lab in labels}) for a in pretrain.SCENE_ATTRIBUTES}
 
-    def __init__(self, hidden_size: int, n_letters: int = 5):
+
+class BindingHeads(torch.nn.Module):
+    """The linear heads (thrown away after training): match and letter on the option tokens' hidden
+    states; with ``vocab_size`` the content head and with ``scene_classes`` (:func:`scene_classes`)
+    one head per scene attribute, both on the letter position's."""
+
+    def __init__(self, hidden_size: int, n_letters: int = 5, vocab_size: int | None = None,
+                 scene_classes: dict[str, list[str]] | None = None):
         super().__init__()
         self.match = torch.nn.Linear(hidden_size, 1)
         self.letter = torch.nn.Linear(hidden_size, n_letters)
+        self.content = None if vocab_size is None else torch.nn.Linear(hidden_size, vocab_size)
+        self.scene_classes = scene_classes
+        self.scene = None if scene_classes is None else torch.nn.ModuleDict(
+            {a: torch.nn.Linear(hidden_size, len(c)) for a, c in scene_classes.items()})
+
+
+def answer_index(item: Any) -> int:
+    return prompts.LETTERS.index(item.answer.strip().upper())
 
 
 def binding_loss(vlm, heads: BindingHeads, cfg: dict, extras: dict, items: Sequence[Any], mode: str,
-                 ) -> tuple[torch.Tensor, dict]:
+                 scenes: Sequence[dict] | None = None) -> tuple[torch.Tensor, dict]:
     """The weighted auxiliary loss for one batch and its parts (floats, plus ``pick``: the share of
     items whose highest-scoring option token belongs to the right option).
 
     ``extras``: what ``VLM.sequence_nll(..., extras={})`` stored (the model's outputs with hidden
     states and attention weights, the inputs and each row's target length). The targets must start
-    with ``prompts.ANSWER_PREFIX`` (answer-first completions)."""
+    with ``prompts.ANSWER_PREFIX`` (answer-first completions).
+    ``scenes``: each item's scene (``synth.load_scenes`` values), for heads with scene heads."""
     out, inputs, lengths = extras["outputs"], extras["inputs"], extras["lengths"]
     if out.attentions is None or out.hidden_states is None:
         raise ValueError("binding_loss needs the model's hidden states and attention weights "
@@ -114,7 +140,7 @@ def binding_loss(vlm, heads: BindingHeads, cfg: dict, extras: dict, items: Seque
     n_prefix = len(vlm.tokenizer(prompts.ANSWER_PREFIX, add_special_tokens=False)["input_ids"])
     hidden = out.hidden_states[cfg["layer"]]
     attn = out.attentions[-1]
-    xs, ys, lx, ly, attn_terms, picks = [], [], [], [], [], 0
+    xs, ys, lx, ly, attn_terms, content_terms, picks = [], [], [], [], [], [], 0
     for b, item in enumerate(items):
         right, which = option_token_labels(vlm, item, mode, int((ids[b] == image_id).sum()))
         off = T - len(right) - lengths[b]  # left padding of row b
@@ -130,8 +156,31 @@ def binding_loss(vlm, heads: BindingHeads, cfg: dict, extras: dict, items: Seque
         q = T - lengths[b] + n_prefix - 1  # the position that emits the letter
         mass = attn[b, cfg["head"], q, [off + t for t, r in enumerate(right) if r == 1]].sum()
         attn_terms.append(-torch.log(mass + 1e-6))
+        if heads.content is not None:  # each option's score: the mean of its tokens' logits
+            logits = heads.content(hidden[b, q])
+            scores = torch.stack([logits[ids[b, [off + t for t, w in enumerate(which) if w == o]]].mean()
+                                  for o in range(len(item.options))])
+            content_terms.append(F.cross_entropy(scores[None], torch.tensor([answer_index(item)], device=h.device)))
     parts = {"match": F.binary_cross_entropy_with_logits(torch.cat(xs), torch.cat(ys)),
              "letter": F.cross_entropy(torch.cat(lx), torch.cat(ly)),
              "attention": torch.stack(attn_terms).mean()}
+    if content_terms:
+        parts["content"] = torch.stack(content_terms).mean()
+    if heads.scene is not None:
+        if scenes is None or len(scenes) != len(items):
+            raise ValueError("binding_loss: the scene term needs each item's scene (scenes=...)")
+        rows = torch.arange(len(items), device=hidden.device)
+        h = hidden[rows, torch.tensor([T - lengths[b] + n_prefix - 1 for b in range(len(items))], device=hidden.device)]
+        labels = [pretrain.scene_labels(sc) for sc in scenes]
+        terms = []
+        for a, head in heads.scene.items():
+            known = heads.scene_classes[a]
+            bad = [lab[a] for lab in labels if lab[a] not in known]
+            if bad:
+                raise ValueError(f"binding_loss: scene attribute {a!r} label {bad[0]!r} is not one of the "
+                                 f"heads' classes {known}")
+            y = torch.tensor([known.index(lab[a]) for lab in labels], device=hidden.device)
+            terms.append(F.cross_entropy(head(h), y))
+        parts["scene"] = torch.stack(terms).mean()
     loss = sum(cfg[k] * v for k, v in parts.items())
     return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "pick": picks / len(items)}

@@ -53,7 +53,7 @@ from .records import atomic_write_text
 VARIANTS = ("think", "nothink")
 TARGET_FORMAT = 3  # bump when sft_targets changes: cached SFT models then retrain
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
-BINDING_LOG_FIELDS = ("step", "match", "letter", "attention", "pick")  # binding_log.csv
+BINDING_LOG_FIELDS = ("step", "match", "letter", "attention", "content", "scene", "pick")  # binding_log.csv
 
 
 # --------------------------------------------------------------------------- targets
@@ -102,15 +102,16 @@ def benchmark_root(item: data.VQAItem) -> Path | None:
     return None
 
 
-def scenes_for(items: Sequence[data.VQAItem]) -> list[dict]:
-    """Each item's scene (``synth.scene_of``); a clear error for items without one."""
+def scenes_for(items: Sequence[data.VQAItem],
+               need: str = "think-SFT rationales exist only for the embedded benchmark (use variant='nothink')",
+               ) -> list[dict]:
+    """Each item's scene (``synth.scene_of``); for items without one a clear error ending in ``need``."""
     cache: dict[Path, dict] = {}
     out = []
     for it in items:
         root = benchmark_root(it)
         if root is None:
-            raise ValueError(f"{it.question_id}: no {synth.SCENES_FILE} above {it.image_path}; think-SFT "
-                             "rationales exist only for the embedded benchmark (use variant='nothink')")
+            raise ValueError(f"{it.question_id}: no {synth.SCENES_FILE} above {it.image_path}; {need}")
         if root not in cache:
             cache[root] = synth.load_scenes(root)
         out.append(synth.scene_of(it, cache[root], root))
@@ -317,7 +318,13 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     aux = settings.get("binding_aux")
     if aux is not None:
         binding.check_model(vlm, aux)
-    scenes = scenes_for(train_items) if variant == "think" else [None] * len(train_items)
+    if variant == "think":
+        scenes = scenes_for(train_items)
+    elif aux is not None and aux["scene"] > 0:
+        scenes = scenes_for(train_items, "binding_aux['scene'] needs the embedded benchmark's scene metadata "
+                                         "(set its weight to 0 for other data)")
+    else:
+        scenes = [None] * len(train_items)
 
     ckpt, state = _read_state(out_dir)
     if state is not None:
@@ -340,7 +347,9 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
         text = getattr(vlm.model.config, "text_config", vlm.model.config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            heads = binding.BindingHeads(text.hidden_size).to(vlm.device)
+            heads = binding.BindingHeads(
+                text.hidden_size, vocab_size=text.vocab_size if aux["content"] else None,
+                scene_classes=binding.scene_classes(scenes) if aux["scene"] else None).to(vlm.device)
         if state is not None:
             heads.load_state_dict(state["binding_heads"])
         attn_impl = vlm.model.config._attn_implementation
@@ -378,7 +387,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
         loss = vlm.sequence_nll(images, batch, targets, prompt=variant, extras=extras).mean()
         total = loss
         if heads is not None:
-            aux_loss, parts = binding.binding_loss(vlm, heads, aux, extras, batch, variant)
+            aux_loss, parts = binding.binding_loss(vlm, heads, aux, extras, batch, variant,
+                                                   scenes=[scenes[i] for i in idx] if aux["scene"] else None)
             total = loss + aux_loss
             aux_window.append(parts)
         optimizer.zero_grad(set_to_none=True)
@@ -396,7 +406,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
             window = []
             if heads is not None:
                 with open(out_dir / "binding_log.csv", "a") as f:
-                    f.write(f"{step}," + ",".join(f"{sum(p[k] for p in aux_window) / len(aux_window):.6f}"
+                    f.write(f"{step}," + ",".join(f"{sum(p.get(k, 0.0) for p in aux_window) / len(aux_window):.6f}"
                                                   for k in BINDING_LOG_FIELDS[1:]) + "\n")
                 aux_window = []
         if step % save_every == 0 or step == steps:

@@ -1,11 +1,12 @@
 """Auxiliary option-binding losses for answer-only SFT (safemed_lib.binding, train_sft(binding_aux=...))."""
 import json
 import re
+import shutil
 
 import pytest
 import torch
 
-from safemed_lib import binding, models, prompts, sft
+from safemed_lib import binding, data, models, prompts, sft, synth
 
 SIZE = 56
 TINY = dict(hidden_size=64, vocab_size=700)  # the conftest fixtures' base model
@@ -45,18 +46,18 @@ def test_option_token_labels_mark_every_options_tokens(items, base_dir):
 def test_binding_sft_learns_its_terms_resumes_exactly_and_saves_the_plain_model(items, base_dir, tmp_path,
                                                                                 monkeypatch):
     kw = dict(variant="nothink", steps=12, lr=1e-2, batch_size=4, image_size=SIZE, log_every=1, save_every=6,
-              binding_aux=True)
+              binding_aux={"content": 1.0, "scene": 1.0})  # every term and head
     reference = sft.train_sft(models.load_vlm(base_dir), items[:8], out_dir=tmp_path / "a", **kw)
     log = sft.read_log(tmp_path / "a")
     import pandas as pd
     aux = pd.read_csv(tmp_path / "a" / "binding_log.csv")
     assert list(aux.columns) == list(sft.BINDING_LOG_FIELDS) and list(aux["step"]) == list(range(1, 13))
-    assert aux[["match", "letter", "attention"]].notna().all().all()
-    assert aux["attention"].iloc[-3:].mean() < aux["attention"].iloc[:3].mean()  # the term is learnt
-    assert aux["letter"].iloc[-3:].mean() < aux["letter"].iloc[:3].mean()
+    assert aux[["match", "letter", "attention", "content", "scene"]].notna().all().all()
+    for term in ("attention", "letter", "content"):  # learnt within 12 steps (the scene term is tested below)
+        assert aux[term].iloc[-3:].mean() < aux[term].iloc[:3].mean(), term
     assert list(log["step"]) == list(range(1, 13))
     done = json.loads((tmp_path / "a" / "done.json").read_text())
-    assert done["binding_aux"] == binding.DEFAULTS
+    assert done["binding_aux"] == {**binding.DEFAULTS, "content": 1.0, "scene": 1.0}
     saved = models.load_vlm(tmp_path / "a" / done["model"])
     assert set(_weights(saved)) == set(_weights(models.load_vlm(base_dir)))  # no auxiliary heads
     assert reference.model.config._attn_implementation != "eager"  # restored after training
@@ -88,6 +89,73 @@ def test_binding_aux_is_for_answer_first_targets_and_existing_layers(items, base
     with pytest.raises(ValueError, match="variant 'think'"):
         sft.train_sft(models.load_vlm(base_dir), items[:4], variant="think", steps=1, lr=1e-3, batch_size=2,
                       image_size=SIZE, out_dir=tmp_path / "t", binding_aux=True)
+    bare = tmp_path / "bare"  # a copy without the scene metadata, as a real OmniMedVQA root
+    shutil.copytree(sft.benchmark_root(items[0]), bare, ignore=shutil.ignore_patterns(synth.SCENES_FILE))
+    with pytest.raises(ValueError, match=re.escape("binding_aux['scene'] needs the embedded benchmark's scene")):
+        sft.train_sft(models.load_vlm(base_dir), data.load_omnimedvqa(bare)[:4], variant="nothink", steps=1,
+                      lr=1e-3, batch_size=2, image_size=SIZE, out_dir=tmp_path / "s", binding_aux={"scene": 1.0})
     with pytest.raises(ValueError, match=re.escape("binding_aux['layer']=2 must be below the language model's 2 layers")):
         sft.train_sft(models.load_vlm(base_dir), items[:4], variant="nothink", steps=1, lr=1e-3, batch_size=2,
                       image_size=SIZE, out_dir=tmp_path / "n", binding_aux={"layer": 2})
+
+
+def test_content_term_scores_the_options_at_the_letter_position(items, base_dir):
+    """The content term is a cross-entropy over the options, each scored by the mean of its tokens'
+    logits from the letter position's state: a head that favours the right option's tokens drives it
+    near 0, one that favours a wrong option's drives it up; without the weight there is no head."""
+    vlm = models.load_vlm(base_dir)
+    vlm.model.set_attn_implementation("eager")
+    batch = [it for it in items if len(set(it.options)) == len(it.options)][:4]
+    targets = [sft.sft_targets(it, None, "nothink") for it in batch]
+    extras = {}
+    with torch.no_grad():
+        vlm.sequence_nll(data.load_images(batch, size=SIZE), batch, targets, prompt="nothink", extras=extras)
+    cfg = binding.settings({"content": 1.0})
+    assert binding.BindingHeads(TINY["hidden_size"]).content is None
+    heads = binding.BindingHeads(TINY["hidden_size"], vocab_size=TINY["vocab_size"])
+    ids = extras["inputs"]["input_ids"]
+    n_image = [int((row == vlm.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) for row in ids]
+
+    def favour(pick):  # a content head whose logits are +10 on the tokens only option pick(item) has
+        with torch.no_grad():
+            heads.content.weight.zero_()
+            heads.content.bias.zero_()
+            for b, it in enumerate(batch):
+                right, which = binding.option_token_labels(vlm, it, "nothink", n_image[b])
+                prompt_ids = vlm.prompt_ids(it, "nothink", n_image[b])
+                mine = {prompt_ids[t] for t, w in enumerate(which) if w == pick(it)}
+                others = {prompt_ids[t] for t, w in enumerate(which) if w >= 0 and w != pick(it)}
+                heads.content.bias[sorted(mine - others)] = 10.0
+        return binding.binding_loss(vlm, heads, cfg, extras, batch, "nothink")[1]["content"]
+
+    right = favour(binding.answer_index)
+    wrong = favour(lambda it: (binding.answer_index(it) + 1) % len(it.options))
+    assert right < 0.5 < 3 < wrong, (right, wrong)
+    _, parts = binding.binding_loss(vlm, binding.BindingHeads(TINY["hidden_size"]), binding.settings(True),
+                                    extras, batch, "nothink")
+    assert "content" not in parts and set(parts) == {"match", "letter", "attention", "pick"}
+
+
+def test_scene_term_names_every_attribute_of_the_image(items, base_dir):
+    """The scene term: one head per scene attribute on the letter position's state, classes from the
+    training scenes; a label outside them or missing scenes is a clear error."""
+    scenes = sft.scenes_for(items)
+    classes = binding.scene_classes(scenes)
+    assert list(classes) == list(binding.pretrain.SCENE_ATTRIBUTES)
+    assert all(c == sorted(set(c)) and c for c in classes.values())
+    vlm = models.load_vlm(base_dir)
+    vlm.model.set_attn_implementation("eager")
+    batch = items[:4]
+    extras = {}
+    with torch.no_grad():
+        vlm.sequence_nll(data.load_images(batch, size=SIZE), batch,
+                         [sft.sft_targets(it, None, "nothink") for it in batch], prompt="nothink", extras=extras)
+    cfg = binding.settings({"scene": 1.0})
+    heads = binding.BindingHeads(TINY["hidden_size"], scene_classes=classes)
+    _, parts = binding.binding_loss(vlm, heads, cfg, extras, batch, "nothink", scenes=scenes[:4])
+    assert abs(parts["scene"] - sum(torch.log(torch.tensor(float(len(c)))) for c in classes.values()) / 6) < 0.5
+    with pytest.raises(ValueError, match="scene term needs each item's scene"):
+        binding.binding_loss(vlm, heads, cfg, extras, batch, "nothink")
+    odd = [{**sc, "anatomy": "elbow"} for sc in scenes[:4]]
+    with pytest.raises(ValueError, match="'anatomy' label 'elbow' is not one of"):
+        binding.binding_loss(vlm, heads, cfg, extras, batch, "nothink", scenes=odd)
