@@ -108,3 +108,6 @@ def test_notebook_parameter_defaults_are_the_tiny_profile():
         wrong = {k: (v, tiny.get(k, "<not in tiny.yaml>")) for k, v in defaults.items()
                  if not k.startswith("__") and tiny.get(k, "<not in tiny.yaml>") != v}
         assert not wrong, f"{nb.name}: parameter defaults differ from configs/tiny.yaml: {wrong}"
+        # papermill must see every one of them, or a profile's value is never injected
+        unseen = {k for k in defaults if not k.startswith("__")} - reproduce.declared_parameters(nb)
+        assert not unseen, f"{nb.name}: papermill cannot parse the parameters {sorted(unseen)}"
