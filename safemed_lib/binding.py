@@ -4,8 +4,8 @@ An answer-only model has to do two things inside one forward pass: judge each op
 against the image, and copy the letter in front of the option that matches ("multiple-choice symbol
 binding", Robinson et al., ICLR 2023). The 2-layer tiny model trained on the letter alone stays at
 chance (docs/tiny_model_learnability.md, rounds 1-13): it learns neither step from one letter
-target per question. These losses supervise each step where a 2-layer model can do it, from the
-answer key alone (no scene metadata, so they work on any multiple-choice data):
+target per question. These losses supervise each step where a 2-layer model can do it, all but
+``scene`` from the answer key alone (no scene metadata, so they work on any multiple-choice data):
 
 * ``match``: a linear head on the hidden state after layer ``layer`` of every option token says
   whether its option is the right one (binary cross-entropy);
@@ -22,7 +22,8 @@ answer key alone (no scene metadata, so they work on any multiple-choice data):
   describes the whole image (cross-entropy per attribute, averaged). It carries to answer-only SFT
   the per-image supervision SFT-think gets from its rationale.
 
-``content`` and ``scene`` are off at weight 0 (``DEFAULTS``). The heads are thrown away after training: the checkpoint is the plain model, scored answer-only like
+``content`` and ``scene`` are off at weight 0 (``DEFAULTS``; the tiny profile turns them on). The
+heads are thrown away after training: the checkpoint is the plain model, scored answer-only like
 any other. ``sft.train_sft(binding_aux=...)`` adds the weighted sum to the SFT loss.
 """
 from __future__ import annotations
@@ -87,7 +88,7 @@ def option_token_labels(vlm, item: Any, mode: str, n_image_tokens: int) -> tuple
         start += len(head) + len(option) + 2  # ", "
     right = [-1] * len(enc["input_ids"])
     which = [-1] * len(enc["input_ids"])
-    answer = prompts.LETTERS.index(item.answer.strip().upper())
+    answer = answer_index(item)
     for t, (a, b) in enumerate(enc["offset_mapping"]):
         for i, (s, e) in enumerate(spans):
             if b > s and a < e:
@@ -118,6 +119,7 @@ class BindingHeads(torch.nn.Module):
 
 
 def answer_index(item: Any) -> int:
+    """The index of ``item``'s answer letter (A = 0)."""
     return prompts.LETTERS.index(item.answer.strip().upper())
 
 

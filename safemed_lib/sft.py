@@ -292,8 +292,9 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     learns (the tiny profile's setting, which keeps what its vision pretraining taught the tokens).
     ``binding_aux``: None, True or a dict for ``binding.settings`` (nothink only): adds
     ``binding.binding_loss`` (option match, option letter, and the last layer's attention from the
-    answer position to the right option) to the SFT loss; its heads are trained along, kept in the
-    checkpoints' state for resuming and thrown away at the end. The parts are logged to
+    answer position to the right option; with weights for them, the content and scene terms at that
+    position, the scene term from the training items' scenes) to the SFT loss; its heads are
+    trained along, kept in the checkpoints' state for resuming and thrown away at the end. The parts are logged to
     ``out_dir/binding_log.csv``; ``loss`` in ``train_log.csv`` stays the SFT loss alone.
 
     Returns the trained VLM (a new object when weights were restored from a checkpoint).
