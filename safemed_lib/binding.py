@@ -142,6 +142,7 @@ def binding_loss(vlm, heads: BindingHeads, cfg: dict, extras: dict, items: Seque
     n_prefix = len(vlm.tokenizer(prompts.ANSWER_PREFIX, add_special_tokens=False)["input_ids"])
     hidden = out.hidden_states[cfg["layer"]]
     attn = out.attentions[-1]
+    qs = [T - lengths[b] + n_prefix - 1 for b in range(len(items))]  # the positions that emit the letter
     xs, ys, lx, ly, attn_terms, content_terms, picks = [], [], [], [], [], [], 0
     for b, item in enumerate(items):
         right, which = option_token_labels(vlm, item, mode, int((ids[b] == image_id).sum()))
@@ -155,7 +156,7 @@ def binding_loss(vlm, heads: BindingHeads, cfg: dict, extras: dict, items: Seque
         lx.append(heads.letter(h))
         ly.append(torch.tensor([which[t] for t in pos], device=h.device))
         picks += int(y[int(z.argmax())] == 1)
-        q = T - lengths[b] + n_prefix - 1  # the position that emits the letter
+        q = qs[b]
         mass = attn[b, cfg["head"], q, [off + t for t, r in enumerate(right) if r == 1]].sum()
         attn_terms.append(-torch.log(mass + 1e-6))
         if heads.content is not None:  # each option's score: the mean of its tokens' logits
@@ -171,8 +172,7 @@ def binding_loss(vlm, heads: BindingHeads, cfg: dict, extras: dict, items: Seque
     if heads.scene is not None:
         if scenes is None or len(scenes) != len(items):
             raise ValueError("binding_loss: the scene term needs each item's scene (scenes=...)")
-        rows = torch.arange(len(items), device=hidden.device)
-        h = hidden[rows, torch.tensor([T - lengths[b] + n_prefix - 1 for b in range(len(items))], device=hidden.device)]
+        h = hidden[torch.arange(len(items), device=hidden.device), torch.tensor(qs, device=hidden.device)]
         labels = [pretrain.scene_labels(sc) for sc in scenes]
         terms = []
         for a, head in heads.scene.items():
