@@ -11,8 +11,9 @@ target per question. These losses supervise each step where a 2-layer model can 
   whether its option is the right one (binary cross-entropy);
 * ``letter``: a linear head on the same states names the option's letter (cross-entropy), so the
   letter is there to be copied;
-* ``attention``: head ``head`` of the last layer, at the position that emits the answer letter,
-  should attend to the right option's tokens (minus the log of its attention mass on them);
+* ``attention``: head ``head`` of the last layer (or each of a list of heads, the terms averaged),
+  at the position that emits the answer letter, should attend to the right option's tokens (minus
+  the log of its attention mass on them);
 * ``content``: a linear head on the hidden state after layer ``layer`` at the position that emits
   the letter scores each option (the mean of its tokens' logits; cross-entropy over the options),
   so the question the last layer asks the options is already the answer's content;
@@ -52,22 +53,36 @@ def settings(binding_aux: dict | bool | None) -> dict | None:
         if not (isinstance(out[key], (int, float)) and out[key] >= 0):
             raise ValueError(f"binding_aux[{key!r}] must be a weight >= 0, got {out[key]!r}")
         out[key] = float(out[key])
-    for key in ("layer", "head"):
-        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < (1 if key == "layer" else 0):
-            raise ValueError(f"binding_aux[{key!r}] must be an integer >= {1 if key == 'layer' else 0}, "
-                             f"got {out[key]!r}")
+    def whole(v, least):
+        return not isinstance(v, bool) and isinstance(v, int) and v >= least
+    if not whole(out["layer"], 1):
+        raise ValueError(f"binding_aux['layer'] must be an integer >= 1, got {out['layer']!r}")
+    head = out["head"]
+    if isinstance(head, (list, tuple)):
+        if not head or not all(whole(h, 0) for h in head) or len(set(head)) != len(head):
+            raise ValueError(f"binding_aux['head'] must be an integer >= 0 or a non-empty list of distinct "
+                             f"ones, got {head!r}")
+        out["head"] = list(head)
+    elif not whole(head, 0):
+        raise ValueError(f"binding_aux['head'] must be an integer >= 0 or a list of them, got {head!r}")
     return out
 
 
 def check_model(vlm, cfg: dict) -> None:
     """Raise if ``vlm``'s language model has no layer ``cfg['layer']`` below its last, or no
-    attention head ``cfg['head']``."""
+    attention head ``cfg['head']`` (each of them, for a list)."""
     text = getattr(vlm.model.config, "text_config", vlm.model.config)
     if cfg["layer"] >= text.num_hidden_layers:
         raise ValueError(f"binding_aux['layer']={cfg['layer']} must be below the language model's "
                          f"{text.num_hidden_layers} layers (the last layer copies the letter)")
-    if cfg["head"] >= text.num_attention_heads:
-        raise ValueError(f"binding_aux['head']={cfg['head']} >= the {text.num_attention_heads} attention heads")
+    if max(_heads(cfg)) >= text.num_attention_heads:
+        raise ValueError(f"binding_aux['head']={cfg['head']}: the model has {text.num_attention_heads} attention "
+                         f"heads (0 to {text.num_attention_heads - 1})")
+
+
+def _heads(cfg: dict) -> list[int]:
+    """The supervised last-layer heads, as a list."""
+    return cfg["head"] if isinstance(cfg["head"], list) else [cfg["head"]]
 
 
 def option_token_labels(vlm, item: Any, mode: str, n_image_tokens: int) -> tuple[list[int], list[int]]:
@@ -157,8 +172,8 @@ def binding_loss(vlm, heads: BindingHeads, cfg: dict, extras: dict, items: Seque
         ly.append(torch.tensor([which[t] for t in pos], device=h.device))
         picks += int(y[int(z.argmax())] == 1)
         q = qs[b]
-        mass = attn[b, cfg["head"], q, [off + t for t, r in enumerate(right) if r == 1]].sum()
-        attn_terms.append(-torch.log(mass + 1e-6))
+        mine = [off + t for t, r in enumerate(right) if r == 1]
+        attn_terms.append(torch.stack([-torch.log(attn[b, h, q, mine].sum() + 1e-6) for h in _heads(cfg)]).mean())
         if heads.content is not None:  # each option's score: the mean of its tokens' logits
             logits = heads.content(hidden[b, q])
             scores = torch.stack([logits[ids[b, [off + t for t, w in enumerate(which) if w == o]]].mean()

@@ -559,9 +559,13 @@ def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.
                image_size: int, steps: int, lr: float, batch_size: int, seed: int = 0,
                corpus_items: Sequence[data.VQAItem] | None = None, model_path: str | Path | None = None,
                model_kwargs: dict | None = None, log_every: int = 10, save_every: int = 100, device=None,
-               train_vision: bool = True, binding_aux: dict | bool | None = None):
+               train_vision: bool = True, binding_aux: dict | bool | None = None, train_threads: int | None = None):
     """The SFT model of ``variant``, trained once and cached in ``<models_dir>/sft-<variant>``
     (``train_vision``, ``binding_aux``: see ``train_sft``).
+
+    ``train_threads``: torch threads while this call trains (None: the process's setting, restored
+    afterwards). It changes the speed and the last bits of the weights, not the recipe, so it is not
+    part of the cache key: a finished run trained with other threads is loaded.
 
     If ``done.json`` there records the same settings and the same base (the tiny base's settings
     and tokenizer corpus, or ``model_path``), the model is loaded; a matching unfinished run is
@@ -580,9 +584,17 @@ def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.
                 "tag": {"base": base}}
     start = lambda: ensure_base(models_dir, corpus_items, image_size=image_size, seed=seed,  # noqa: E731
                                 model_path=model_path, model_kwargs=model_kwargs, device=device)
-    return _cached_run(out_dir, settings, start, train_items, variant=variant, steps=steps, lr=lr,
-                       batch_size=batch_size, image_size=image_size, seed=seed, log_every=log_every,
-                       save_every=save_every, device=device, train_vision=train_vision, binding_aux=binding_aux)
+    if train_threads is not None and (int(train_threads) != train_threads or train_threads < 1):
+        raise ValueError(f"train_threads must be an integer >= 1 or None, got {train_threads!r}")
+    before = torch.get_num_threads()
+    try:
+        if train_threads is not None:
+            torch.set_num_threads(int(train_threads))
+        return _cached_run(out_dir, settings, start, train_items, variant=variant, steps=steps, lr=lr,
+                           batch_size=batch_size, image_size=image_size, seed=seed, log_every=log_every,
+                           save_every=save_every, device=device, train_vision=train_vision, binding_aux=binding_aux)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cached_run(out_dir: Path, settings: dict, start, train_items, *, device=None, adversarial=None, **train_kwargs):
@@ -622,14 +634,16 @@ def ensure_adversarial_sft(models_dir: str | Path, variant: str, train_items: Se
 
 
 def variant_kwargs(variant: str, *, steps: int, nothink_steps: int | None = None,
-                   nothink_binding_aux: dict | bool | None = None, **kwargs) -> dict:
+                   nothink_binding_aux: dict | bool | None = None, nothink_threads: int | None = None,
+                   **kwargs) -> dict:
     """``ensure_sft``'s keyword arguments for ``variant`` from a profile's ``sft_*`` parameters:
     the nothink variant trains ``nothink_steps`` steps (None: ``steps``) with
-    ``nothink_binding_aux``; the think variant trains ``steps`` steps with neither. Every notebook
-    that loads an SFT model goes through this, so they all name the same cached run."""
+    ``nothink_binding_aux``, on ``nothink_threads`` torch threads (None: the process's); the think
+    variant trains ``steps`` steps with none of them. Every notebook that loads an SFT model goes
+    through this, so they all name the same cached run."""
     if variant == "nothink":
         return {**kwargs, "steps": steps if nothink_steps is None else nothink_steps,
-                "binding_aux": nothink_binding_aux}
+                "binding_aux": nothink_binding_aux, "train_threads": nothink_threads}
     return {**kwargs, "steps": steps}
 
 
@@ -642,8 +656,9 @@ def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_i
     variants then train in the time of one; cached ones are only loaded). The shared base is
     built first, in this process, so both start from the same weights; each run is the same
     computation as in this process, and it checkpoints and resumes the same way. ``kwargs`` go
-    through ``variant_kwargs`` (``nothink_steps``, ``nothink_binding_aux``) to ``ensure_sft``;
-    use ``workers=1`` for GPU runs (one device)."""
+    through ``variant_kwargs`` (``nothink_steps``, ``nothink_binding_aux``, ``nothink_threads``) to
+    ``ensure_sft``; use ``workers=1`` for GPU runs (one device), and for runs that use more than
+    one thread each (the tiny profile's nothink run takes both cores after the think run)."""
     from .workbook import background
 
     variants = list(variants)

@@ -26,6 +26,10 @@ def test_settings_fill_defaults_and_reject_bad_values():
         binding.settings({"match": -1})
     with pytest.raises(ValueError, match="'layer'.*>= 1"):
         binding.settings({"layer": 0})
+    assert binding.settings({"head": (0, 2)})["head"] == [0, 2]
+    for bad in ([], [0, 0], [0, -1], True, 1.0):
+        with pytest.raises(ValueError, match=re.escape("binding_aux['head'] must be an integer >= 0")):
+            binding.settings({"head": bad})
 
 
 def test_option_token_labels_mark_every_options_tokens(items, base_dir):
@@ -97,6 +101,28 @@ def test_binding_aux_is_for_answer_first_targets_and_existing_layers(items, base
     with pytest.raises(ValueError, match=re.escape("binding_aux['layer']=2 must be below the language model's 2 layers")):
         sft.train_sft(models.load_vlm(base_dir), items[:4], variant="nothink", steps=1, lr=1e-3, batch_size=2,
                       image_size=SIZE, out_dir=tmp_path / "n", binding_aux={"layer": 2})
+
+
+def test_attention_term_over_several_heads_is_the_mean_of_theirs(items, base_dir, tmp_path):
+    vlm = models.load_vlm(base_dir)
+    vlm.model.set_attn_implementation("eager")
+    batch = items[:4]
+    extras = {}
+    with torch.no_grad():
+        vlm.sequence_nll(data.load_images(batch, size=SIZE), batch,
+                         [sft.sft_targets(it, None, "nothink") for it in batch], prompt="nothink", extras=extras)
+    heads = binding.BindingHeads(TINY["hidden_size"])
+
+    def term(head):
+        return binding.binding_loss(vlm, heads, binding.settings({"head": head}), extras, batch, "nothink")[1]["attention"]
+    one = [term(h) for h in range(4)]
+    assert len(set(one)) == 4  # the heads attend differently, so the mean below is not a coincidence
+    assert term([0, 2]) == pytest.approx((one[0] + one[2]) / 2, rel=1e-5)
+    assert term([0, 1, 2, 3]) == pytest.approx(sum(one) / 4, rel=1e-5)
+    n_heads = vlm.model.config.text_config.num_attention_heads
+    with pytest.raises(ValueError, match=re.escape(f"binding_aux['head']=[0, {n_heads}]: the model has {n_heads}")):
+        sft.train_sft(vlm, items[:4], variant="nothink", steps=1, lr=1e-3, batch_size=2, image_size=SIZE,
+                      out_dir=tmp_path / "h", binding_aux={"head": [0, n_heads]})
 
 
 def test_content_term_scores_the_options_at_the_letter_position(items, base_dir):

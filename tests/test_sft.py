@@ -296,8 +296,29 @@ def test_variants_trained_in_parallel_processes_equal_sequential_training(items,
 def test_variant_kwargs_gives_nothink_its_own_steps_and_binding():
     kw = dict(steps=10, lr=1e-3, nothink_steps=None, nothink_binding_aux=True)
     assert sft.variant_kwargs("think", **kw) == {"steps": 10, "lr": 1e-3}
-    assert sft.variant_kwargs("nothink", **kw) == {"steps": 10, "lr": 1e-3, "binding_aux": True}
+    assert sft.variant_kwargs("nothink", **kw) == {"steps": 10, "lr": 1e-3, "binding_aux": True, "train_threads": None}
     assert sft.variant_kwargs("nothink", **{**kw, "nothink_steps": 40})["steps"] == 40
+    assert sft.variant_kwargs("nothink", **{**kw, "nothink_threads": 2})["train_threads"] == 2
+    assert "train_threads" not in sft.variant_kwargs("think", **{**kw, "nothink_threads": 2})
+
+
+def test_ensure_sft_trains_on_its_own_threads_and_restores_the_process_setting(items, tmp_path, monkeypatch):
+    seen = []
+    real = sft.train_sft
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sft, "train_sft", spy)
+    kw = dict(image_size=SIZE, steps=2, lr=1e-3, batch_size=2, model_kwargs=TINY)
+    before = torch.get_num_threads()
+    sft.ensure_sft(tmp_path, "nothink", items, train_threads=before + 1, **kw)
+    assert seen == [before + 1] and torch.get_num_threads() == before
+    sft.ensure_sft(tmp_path, "nothink", items, train_threads=before + 2, **kw)
+    assert seen == [before + 1]  # other threads, same recipe: the cached run is loaded
+    with pytest.raises(ValueError, match="train_threads must be an integer >= 1"):
+        sft.ensure_sft(tmp_path / "x", "nothink", items, train_threads=0, **kw)
+    assert torch.get_num_threads() == before
 
 
 def test_background_reraises_the_workers_error():
