@@ -16,6 +16,17 @@ def _weights(vlm):
     return {k: v.detach().clone() for k, v in vlm.model.state_dict().items()}
 
 
+def _forward(base_dir, batch):
+    """The base model (eager attention) and the ``extras`` of one answer-only forward pass on ``batch``."""
+    vlm = models.load_vlm(base_dir)
+    vlm.model.set_attn_implementation("eager")
+    extras = {}
+    with torch.no_grad():
+        vlm.sequence_nll(data.load_images(batch, size=SIZE), batch,
+                         [sft.sft_targets(it, None, "nothink") for it in batch], prompt="nothink", extras=extras)
+    return vlm, extras
+
+
 def test_settings_fill_defaults_and_reject_bad_values():
     assert binding.settings(None) is None and binding.settings(False) is None
     assert binding.settings(True) == binding.DEFAULTS
@@ -104,13 +115,8 @@ def test_binding_aux_is_for_answer_first_targets_and_existing_layers(items, base
 
 
 def test_attention_term_over_several_heads_is_the_mean_of_theirs(items, base_dir, tmp_path):
-    vlm = models.load_vlm(base_dir)
-    vlm.model.set_attn_implementation("eager")
     batch = items[:4]
-    extras = {}
-    with torch.no_grad():
-        vlm.sequence_nll(data.load_images(batch, size=SIZE), batch,
-                         [sft.sft_targets(it, None, "nothink") for it in batch], prompt="nothink", extras=extras)
+    vlm, extras = _forward(base_dir, batch)
     heads = binding.BindingHeads(TINY["hidden_size"])
 
     def term(head):
@@ -129,13 +135,8 @@ def test_content_term_scores_the_options_at_the_letter_position(items, base_dir)
     """The content term is a cross-entropy over the options, each scored by the mean of its tokens'
     logits from the letter position's state: a head that favours the right option's tokens drives it
     near 0, one that favours a wrong option's drives it up; without the weight there is no head."""
-    vlm = models.load_vlm(base_dir)
-    vlm.model.set_attn_implementation("eager")
     batch = [it for it in items if len(set(it.options)) == len(it.options)][:4]
-    targets = [sft.sft_targets(it, None, "nothink") for it in batch]
-    extras = {}
-    with torch.no_grad():
-        vlm.sequence_nll(data.load_images(batch, size=SIZE), batch, targets, prompt="nothink", extras=extras)
+    vlm, extras = _forward(base_dir, batch)
     cfg = binding.settings({"content": 1.0})
     assert binding.BindingHeads(TINY["hidden_size"]).content is None
     heads = binding.BindingHeads(TINY["hidden_size"], vocab_size=TINY["vocab_size"])
@@ -169,13 +170,8 @@ def test_scene_term_names_every_attribute_of_the_image(items, base_dir):
     classes = binding.scene_classes(scenes)
     assert list(classes) == list(binding.pretrain.SCENE_ATTRIBUTES)
     assert all(c == sorted(set(c)) and c for c in classes.values())
-    vlm = models.load_vlm(base_dir)
-    vlm.model.set_attn_implementation("eager")
     batch = items[:4]
-    extras = {}
-    with torch.no_grad():
-        vlm.sequence_nll(data.load_images(batch, size=SIZE), batch,
-                         [sft.sft_targets(it, None, "nothink") for it in batch], prompt="nothink", extras=extras)
+    vlm, extras = _forward(base_dir, batch)
     cfg = binding.settings({"scene": 1.0})
     heads = binding.BindingHeads(TINY["hidden_size"], scene_classes=classes)
     _, parts = binding.binding_loss(vlm, heads, cfg, extras, batch, "nothink", scenes=scenes[:4])
