@@ -152,42 +152,47 @@ def binding_loss(vlm, heads: BindingHeads, cfg: dict, extras: dict, items: Seque
         raise ValueError("binding_loss needs the model's hidden states and attention weights "
                          "(sequence_nll with extras, and eager attention)")
     ids = inputs["input_ids"]
-    T = ids.shape[1]
+    B, T = ids.shape
+    dev = ids.device
     image_id = vlm.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     n_prefix = len(vlm.tokenizer(prompts.ANSWER_PREFIX, add_special_tokens=False)["input_ids"])
     hidden = out.hidden_states[cfg["layer"]]
-    attn = out.attentions[-1]
-    qs = [T - lengths[b] + n_prefix - 1 for b in range(len(items))]  # the positions that emit the letter
-    xs, ys, lx, ly, attn_terms, content_terms, picks = [], [], [], [], [], [], 0
+    # Each token's labels in the padded batch (-1: no option): whether its option is the right one, which option.
+    right = torch.full((B, T), -1, dtype=torch.long)
+    which = torch.full((B, T), -1, dtype=torch.long)
     for b, item in enumerate(items):
-        right, which = option_token_labels(vlm, item, mode, int((ids[b] == image_id).sum()))
-        off = T - len(right) - lengths[b]  # left padding of row b
-        pos = [t for t, r in enumerate(right) if r >= 0]
-        h = hidden[b, [off + t for t in pos]]
-        y = torch.tensor([float(right[t]) for t in pos], device=h.device)
-        z = heads.match(h).squeeze(-1)
-        xs.append(z)
-        ys.append(y)
-        lx.append(heads.letter(h))
-        ly.append(torch.tensor([which[t] for t in pos], device=h.device))
-        picks += int(y[int(z.argmax())] == 1)
-        q = qs[b]
-        mine = [off + t for t, r in enumerate(right) if r == 1]
-        attn_terms.append(torch.stack([-torch.log(attn[b, h, q, mine].sum() + 1e-6) for h in _heads(cfg)]).mean())
-        if heads.content is not None:  # each option's score: the mean of its tokens' logits
-            logits = heads.content(hidden[b, q])
-            scores = torch.stack([logits[ids[b, [off + t for t, w in enumerate(which) if w == o]]].mean()
-                                  for o in range(len(item.options))])
-            content_terms.append(F.cross_entropy(scores[None], torch.tensor([answer_index(item)], device=h.device)))
-    parts = {"match": F.binary_cross_entropy_with_logits(torch.cat(xs), torch.cat(ys)),
-             "letter": F.cross_entropy(torch.cat(lx), torch.cat(ly)),
-             "attention": torch.stack(attn_terms).mean()}
-    if content_terms:
-        parts["content"] = torch.stack(content_terms).mean()
+        r, w = option_token_labels(vlm, item, mode, int((ids[b] == image_id).sum()))
+        off = T - len(r) - lengths[b]  # left padding of row b
+        right[b, off:off + len(r)] = torch.tensor(r)
+        which[b, off:off + len(w)] = torch.tensor(w)
+    right, which = right.to(dev), which.to(dev)
+    rows = torch.arange(B, device=dev)
+    qs = torch.tensor([T - lengths[b] + n_prefix - 1 for b in range(B)], device=dev)  # the positions that emit the letter
+    # One indexing per tensor, not one per item: each indexing's backward fills a tensor of its source's size.
+    on = right >= 0
+    h = hidden[on]  # (option tokens of the batch, hidden), row after row
+    y = right[on].float()
+    z = heads.match(h).squeeze(-1)
+    with torch.no_grad():  # pick: the right option holds the item's highest-scoring token
+        best = torch.full((B, T), float("-inf"), device=dev).masked_scatter(on, z.float()).argmax(-1)
+        picks = int((right[rows, best] == 1).sum())
+    mine = (right == 1).to(hidden.dtype)
+    attn = out.attentions[-1][rows, :, qs][:, _heads(cfg)]  # (B, heads, T): attention from the letter position
+    parts = {"match": F.binary_cross_entropy_with_logits(z, y),
+             "letter": F.cross_entropy(heads.letter(h), which[on]),
+             "attention": (-torch.log((attn * mine[:, None]).sum(-1) + 1e-6)).mean()}
+    hq = hidden[rows, qs]  # (B, hidden): the state that emits the letter
+    if heads.content is not None:  # each option's score: the mean of its tokens' logits
+        n_opt = max(len(it.options) for it in items)
+        tok = heads.content(hq).gather(1, ids)  # (B, T): each token's logit
+        member = (which[..., None] == torch.arange(n_opt, device=dev)).to(tok.dtype)  # (B, T, options)
+        count = member.sum(1)
+        scores = torch.einsum("bt,bto->bo", tok, member) / count.clamp(min=1)
+        scores = scores.masked_fill(count == 0, float("-inf"))  # options an item does not have
+        parts["content"] = F.cross_entropy(scores, torch.tensor([answer_index(it) for it in items], device=dev))
     if heads.scene is not None:
         if scenes is None or len(scenes) != len(items):
             raise ValueError("binding_loss: the scene term needs each item's scene (scenes=...)")
-        h = hidden[torch.arange(len(items), device=hidden.device), torch.tensor(qs, device=hidden.device)]
         labels = [pretrain.scene_labels(sc) for sc in scenes]
         terms = []
         for a, head in heads.scene.items():
@@ -197,7 +202,7 @@ def binding_loss(vlm, heads: BindingHeads, cfg: dict, extras: dict, items: Seque
                 raise ValueError(f"binding_loss: scene attribute {a!r} label {bad[0]!r} is not one of the "
                                  f"heads' classes {known}")
             y = torch.tensor([known.index(lab[a]) for lab in labels], device=hidden.device)
-            terms.append(F.cross_entropy(head(h), y))
+            terms.append(F.cross_entropy(head(hq), y))
         parts["scene"] = torch.stack(terms).mean()
     loss = sum(cfg[k] * v for k, v in parts.items())
-    return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "pick": picks / len(items)}
+    return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "pick": picks / B}

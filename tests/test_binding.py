@@ -1,4 +1,5 @@
 """Auxiliary option-binding losses for answer-only SFT (safemed_lib.binding, train_sft(binding_aux=...))."""
+import dataclasses
 import json
 import re
 import shutil
@@ -181,3 +182,71 @@ def test_scene_term_names_every_attribute_of_the_image(items, base_dir):
     odd = [{**sc, "anatomy": "elbow"} for sc in scenes[:4]]
     with pytest.raises(ValueError, match="'anatomy' label 'elbow' is not one of"):
         binding.binding_loss(vlm, heads, cfg, extras, batch, "nothink", scenes=odd)
+
+
+def _loop_loss(vlm, heads, cfg, extras, items, mode, scenes):
+    """binding_loss written item by item, as it first was (the reference for the batched version)."""
+    out, ids, lengths = extras["outputs"], extras["inputs"]["input_ids"], extras["lengths"]
+    T = ids.shape[1]
+    n_prefix = len(vlm.tokenizer(prompts.ANSWER_PREFIX, add_special_tokens=False)["input_ids"])
+    hidden, attn = out.hidden_states[cfg["layer"]], out.attentions[-1]
+    image_id = vlm.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    xs, ys, lx, ly, att, con, scene, picks = [], [], [], [], [], [], [], 0
+    for b, item in enumerate(items):
+        right, which = binding.option_token_labels(vlm, item, mode, int((ids[b] == image_id).sum()))
+        off, q = T - len(right) - lengths[b], T - lengths[b] + n_prefix - 1
+        pos = [t for t, r in enumerate(right) if r >= 0]
+        h = hidden[b, [off + t for t in pos]]
+        z, y = heads.match(h).squeeze(-1), torch.tensor([float(right[t]) for t in pos])
+        xs.append(z), ys.append(y), lx.append(heads.letter(h)), ly.append(torch.tensor([which[t] for t in pos]))
+        picks += int(y[int(z.argmax())] == 1)
+        mine = [off + t for t, r in enumerate(right) if r == 1]
+        att.append(torch.stack([-torch.log(attn[b, k, q, mine].sum() + 1e-6) for k in cfg["head"]]).mean())
+        logits = heads.content(hidden[b, q])
+        scores = torch.stack([logits[ids[b, [off + t for t, w in enumerate(which) if w == o]]].mean()
+                              for o in range(len(item.options))])
+        con.append(torch.nn.functional.cross_entropy(scores[None], torch.tensor([binding.answer_index(item)])))
+        lab = binding.pretrain.scene_labels(scenes[b])
+        scene.append(torch.stack([torch.nn.functional.cross_entropy(
+            head(hidden[b, q])[None], torch.tensor([heads.scene_classes[a].index(lab[a])]))
+            for a, head in heads.scene.items()]))
+    F = torch.nn.functional
+    parts = {"match": F.binary_cross_entropy_with_logits(torch.cat(xs), torch.cat(ys)),
+             "letter": F.cross_entropy(torch.cat(lx), torch.cat(ly)), "attention": torch.stack(att).mean(),
+             "content": torch.stack(con).mean(), "scene": torch.stack(scene).mean(0).mean()}
+    return sum(parts.values()), {**{k: float(v) for k, v in parts.items()}, "pick": picks / len(items)}
+
+
+def test_batched_loss_equals_the_item_by_item_loss_and_its_gradients(items, base_dir):
+    """binding_loss indexes the whole batch at once (for speed); its value, parts and gradients equal
+    the item-by-item form's, on a batch with options of several tokens and items with fewer options."""
+    it = items[5]
+    keep = sorted({binding.answer_index(it), (binding.answer_index(it) + 1) % len(it.options)})
+    two = dataclasses.replace(it, options=[it.options[i] for i in keep],
+                              answer=prompts.LETTERS[keep.index(binding.answer_index(it))])
+    batch = items[:5] + [two]
+    assert len(two.options) == 2 < len(batch[0].options)
+    scenes = sft.scenes_for(batch)
+    cfg = binding.settings({"content": 1.0, "scene": 1.0, "head": [0, 2]})
+    torch.manual_seed(0)
+    heads = binding.BindingHeads(TINY["hidden_size"], vocab_size=TINY["vocab_size"],
+                                 scene_classes=binding.scene_classes(sft.scenes_for(items)))
+    vlm = models.load_vlm(base_dir)
+    vlm.model.set_attn_implementation("eager")
+    results = []
+    for fn in (binding.binding_loss, _loop_loss):
+        extras = {}
+        vlm.sequence_nll(data.load_images(batch, size=SIZE), batch,
+                         [sft.sft_targets(it, None, "nothink") for it in batch], prompt="nothink", extras=extras)
+        vlm.model.zero_grad(), heads.zero_grad()
+        loss, parts = fn(vlm, heads, cfg, extras, batch, "nothink", scenes)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in [*vlm.model.named_parameters(), *heads.named_parameters()]
+                 if p.grad is not None}
+        results.append((float(loss.detach()), parts, grads))
+    (loss, parts, grads), (ref_loss, ref_parts, ref_grads) = results
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert parts == pytest.approx(ref_parts, rel=1e-5)
+    assert set(grads) == set(ref_grads) and len(grads) > 20  # the language model's weights and every head
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
