@@ -19,6 +19,7 @@ preprocessing equals the HF processor's to float rounding, so attacks and noise 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -89,6 +90,27 @@ def _model_class(arch: str):
         raise ValueError(f"unsupported arch {arch!r}; expected one of {ARCHS}")
     name = "Qwen2VLForConditionalGeneration" if arch == "qwen2_vl" else "Qwen2_5_VLForConditionalGeneration"
     return getattr(transformers, name)
+
+
+@dataclasses.dataclass
+class ImageEmbeds:
+    """What the language model reads in place of a batch of images: the vision tower's merged outputs
+    (``VLM.encode_images``). ``embeds``: (B, image tokens, hidden); ``grid``: (B, 3), the images'
+    ``image_grid_thw``. ``sequence_nll`` and ``option_logprobs`` take it wherever they take images,
+    so a fixed vision tower need not see the same image twice (``sft.train_sft`` caches them)."""
+    embeds: torch.Tensor
+    grid: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    @staticmethod
+    def stack(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> "ImageEmbeds":
+        """One batch from (embeds, grid) rows of single images (what indexing ``embeds`` and ``grid`` gives)."""
+        if len({tuple(e.shape) for e, _ in rows}) != 1:
+            raise ValueError(f"ImageEmbeds.stack: the images have different token counts "
+                             f"{sorted({tuple(e.shape) for e, _ in rows})}; batch same-size images")
+        return ImageEmbeds(torch.stack([e for e, _ in rows]), torch.stack([g for _, g in rows]))
 
 
 class VLM:
@@ -219,13 +241,24 @@ class VLM:
                 self._prompt_ids[key] = ids
         return ids
 
+    def encode_images(self, images: torch.Tensor) -> ImageEmbeds:
+        """The vision tower's output for same-size images (B,3,H,W) in [0,1] (``preprocess``, then the
+        model's ``get_image_features``): what ``sequence_nll`` / ``option_logprobs`` would compute from
+        ``images``, to pass them instead. Follows the caller's grad mode."""
+        pixel_values, grid = self.preprocess(images)
+        dev = self.device
+        feats = self.model.get_image_features(pixel_values.to(dev, self.model.dtype), grid.to(dev)).pooler_output
+        return ImageEmbeds(torch.stack(list(feats)), grid.to(dev))
+
     def _encode(self, images, items: Sequence[Any], mode: str, suffixes: Sequence[list[int]] | None = None,
                 ) -> tuple[dict, list[int]]:
-        """Left-padded model inputs for image + prompt (+ optional token suffixes per row).
+        """Left-padded model inputs for image + prompt (+ optional token suffixes per row); ``images``
+        may be ``ImageEmbeds`` (the vision tower's output) instead.
 
         Returns the inputs dict and each row's suffix length."""
         items = list(items)
-        pixel_values, grid = self.preprocess(images)
+        embeds = images if isinstance(images, ImageEmbeds) else None
+        pixel_values, grid = (None, embeds.grid) if embeds is not None else self.preprocess(images)
         if len(items) != grid.shape[0]:
             raise ValueError(f"{grid.shape[0]} images for {len(items)} items")
         n_tokens = (grid.prod(-1) // self.merge_size ** 2).tolist()
@@ -244,7 +277,13 @@ class VLM:
         ids, mask = ids.to(dev), mask.to(dev)
         image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
         inputs = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == image_id).long() * mask,
-                      pixel_values=pixel_values.to(dev, self.model.dtype), image_grid_thw=grid.to(dev))
+                      image_grid_thw=grid.to(dev))
+        if embeds is None:
+            inputs["pixel_values"] = pixel_values.to(dev, self.model.dtype)
+        else:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(embeds.embeds))}
         return inputs, [len(s) for s in suffixes]
 
     def _target_ids(self, text: str, add_eos: bool) -> list[int]:
@@ -327,6 +366,8 @@ class VLM:
         """Batched greedy decoding (``do_sample=False``); returns the decoded completions only
         (special tokens removed). ``prompt`` is one mode for all items or a list, one per item."""
         items = list(items)
+        if isinstance(images, ImageEmbeds):
+            raise TypeError("generate takes images, not ImageEmbeds (only sequence_nll and option_logprobs do)")
         modes = [prompt] * len(items) if isinstance(prompt, str) else list(prompt)
         if len(modes) != len(items):
             raise ValueError(f"{len(modes)} prompt modes for {len(items)} items")
@@ -350,6 +391,8 @@ class VLM:
         return tok.batch_decode(new, skip_special_tokens=True)
 
     def _encode_mixed(self, images, items, modes) -> dict:
+        if isinstance(images, ImageEmbeds):
+            raise TypeError("generate with one prompt mode per item takes images, not ImageEmbeds")
         if isinstance(images, torch.Tensor):
             images = list(images)
         parts = [self._encode([img], [it], mode)[0] for img, it, mode in zip(images, items, modes)]

@@ -157,6 +157,27 @@ def test_option_logprobs_agree_with_sequence_nll(vlm):
     assert all((t < 0).all() for t in lp)
 
 
+def test_image_embeds_stand_in_for_the_images_bit_for_bit(vlm):
+    """The vision tower's output, once computed (alone or in any batch), scores like the images."""
+    x = images(3, seed=2)
+    targets = [prompts.format_completion(it.answer, "nothink") for it in ITEMS]
+    with torch.no_grad():
+        whole = vlm.encode_images(x)
+        alone = [vlm.encode_images(x[i:i + 1]) for i in range(3)]
+        assert whole.embeds.shape == (3, 4, 64) and whole.grid.tolist() == [[1, 4, 4]] * 3 and len(whole) == 3
+        stacked = models.ImageEmbeds.stack([(e.embeds[0], e.grid[0]) for e in alone])
+        for given in (whole, stacked):
+            assert torch.equal(vlm.sequence_nll(given, ITEMS, targets), vlm.sequence_nll(x, ITEMS, targets))
+            assert all(torch.equal(a, b) for a, b in zip(vlm.option_logprobs(given, ITEMS), vlm.option_logprobs(x, ITEMS)))
+        other = vlm.encode_images(images(1, h=84, w=56))
+    with pytest.raises(ValueError, match="different token counts"):
+        models.ImageEmbeds.stack([(whole.embeds[0], whole.grid[0]), (other.embeds[0], other.grid[0])])
+    with pytest.raises(ValueError, match="2 images for 3 items"):
+        vlm.sequence_nll(models.ImageEmbeds(whole.embeds[:2], whole.grid[:2]), ITEMS, targets)
+    with pytest.raises(TypeError, match="generate takes images, not ImageEmbeds"):
+        vlm.generate(whole, ITEMS, max_new_tokens=2)
+
+
 def test_generate_batch_with_different_prompts(vlm):
     x = images(3, seed=1)
     modes = ["think", "nothink", "think_after"]
