@@ -367,6 +367,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     if heads is not None:
         _truncate_log(out_dir / "binding_log.csv", step, BINDING_LOG_FIELDS)
 
+    # A fixed vision tower gives every image the same embeddings at every step: compute each once.
+    embed_cache = {} if not train_vision and adversarial is None else None
     vlm.model.train()
     window: list[float] = []
     aux_window: list[dict] = []
@@ -378,7 +380,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
             rng = random.Random(f"{seed}:{step}")
             batch = [shuffle_options(it, rng) for it in batch]
         targets = [sft_targets(it, scenes[i], variant) for it, i in zip(batch, idx)]
-        images = data.load_images(batch, size=image_size)
+        images = (data.load_images(batch, size=image_size) if embed_cache is None
+                  else cached_image_embeds(vlm, batch, image_size, embed_cache))
         if adversarial is not None:  # the attack runs where the model is (its random start too)
             images = images.to(vlm.device)
             gen = torch.Generator(device=vlm.device).manual_seed(seed * 1_000_003 + step)
@@ -425,6 +428,18 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     atomic_write_text(out_dir / "done.json", json.dumps(
         {**settings, "model": f"{ckpt.name}/model", "seconds": round(seconds, 3)}, indent=2) + "\n")
     return vlm
+
+
+def cached_image_embeds(vlm, items: Sequence[data.VQAItem], image_size: int | None, cache: dict) -> models.ImageEmbeds:
+    """``items``' images as the vision tower embeds them (``VLM.encode_images``, no gradient), each image
+    loaded and embedded once: ``cache`` maps image paths to (embeds, grid). Only for a vision tower that
+    does not change (SFT with ``train_vision=False``); bit for bit what the tower gives inside a batch."""
+    new = [it for it in {it.image_path: it for it in items}.values() if it.image_path not in cache]
+    if new:
+        with torch.no_grad():
+            e = vlm.encode_images(data.load_images(new, size=image_size))
+        cache.update({it.image_path: (e.embeds[i], e.grid[i]) for i, it in enumerate(new)})
+    return models.ImageEmbeds.stack([cache[it.image_path] for it in items])
 
 
 # --------------------------------------------------------------------------- cached models

@@ -149,6 +149,22 @@ def test_a_fixed_vision_tower_stays_fixed_and_is_recorded(items, base_dir, tmp_p
     assert "train_vision" not in json.loads((tmp_path / "run2" / "done.json").read_text())
 
 
+def test_a_fixed_vision_tower_embeds_each_image_once_with_the_same_result(items, base_dir, tmp_path, monkeypatch):
+    """With the vision tower fixed, training reads each image's embeddings from a cache: every image is
+    loaded and embedded once, and the weights are bit for bit those of embedding every batch anew."""
+    kw = dict(variant="nothink", steps=6, lr=1e-2, batch_size=4, image_size=SIZE, train_vision=False)
+    loads = []
+    real_load = data.load_images
+    monkeypatch.setattr(data, "load_images", lambda its, **k: loads.extend(it.image_path for it in its) or real_load(its, **k))
+    cached = sft.train_sft(models.load_vlm(base_dir), items[:6], out_dir=tmp_path / "cached", **kw)
+    assert len(loads) == len(set(loads)) == len({it.image_path for it in items[:6]})  # 24 draws, each image once
+    monkeypatch.setattr(sft, "cached_image_embeds", lambda vlm, its, size, cache: data.load_images(its, size=size))
+    before = len(loads)
+    anew = sft.train_sft(models.load_vlm(base_dir), items[:6], out_dir=tmp_path / "anew", **kw)
+    assert len(loads) - before == 6 * 4  # this run loaded every batch's images
+    assert all(torch.equal(v, _weights(anew)[k]) for k, v in _weights(cached).items())
+
+
 def test_ensure_sft_shares_one_base_and_caches(items, tmp_path, monkeypatch):
     builds = []
     orig = models.build_tiny_vlm
