@@ -180,11 +180,15 @@ def adversarial_images(vlm, images: torch.Tensor, items: Sequence[data.VQAItem],
 
 # --------------------------------------------------------------------------- training
 def _settings(variant, train_items, *, steps, lr, batch_size, image_size, seed, shuffle=True,
-              adversarial=None, train_vision=True, binding_aux=None) -> dict:
+              adversarial=None, train_vision=True, binding_aux=None, weight_decay=0.0) -> dict:
     ids = "\n".join(sorted(it.question_id for it in train_items))
     extra = {} if adversarial is None else {"adversarial": adversarial_settings(adversarial)}
     if not train_vision:
         extra["train_vision"] = False
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if weight_decay:  # recorded only when set, so runs without it keep their cache keys
+        extra["weight_decay"] = float(weight_decay)
     aux = binding.settings(binding_aux)
     if aux is not None:
         if variant != "nothink":
@@ -290,6 +294,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     start seeded by (seed, step), so a resumed run attacks as an uninterrupted one).
     ``train_vision=False`` keeps the vision tower (and its merger) fixed: only the language model
     learns (the tiny profile's setting, which keeps what its vision pretraining taught the tokens).
+    ``weight_decay``: AdamW's decoupled weight decay on every trained parameter (the binding heads too);
+    part of the run's settings when not 0.
     ``binding_aux``: None, True or a dict for ``binding.settings`` (nothink only): adds
     ``binding.binding_loss`` (option match, option letter, and the last layer's attention from the
     answer position to the right option; with weights for them, the content and scene terms at that
@@ -314,7 +320,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], *, variant: str, steps: 
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
                          image_size=image_size, seed=seed, shuffle=shuffle, adversarial=adversarial,
-                         train_vision=train_vision, binding_aux=binding_aux)
+                         train_vision=train_vision, binding_aux=binding_aux, weight_decay=weight_decay)
     settings["tag"] = tag
     aux = settings.get("binding_aux")
     if aux is not None:
@@ -574,9 +580,10 @@ def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.
                image_size: int, steps: int, lr: float, batch_size: int, seed: int = 0,
                corpus_items: Sequence[data.VQAItem] | None = None, model_path: str | Path | None = None,
                model_kwargs: dict | None = None, log_every: int = 10, save_every: int = 100, device=None,
-               train_vision: bool = True, binding_aux: dict | bool | None = None, train_threads: int | None = None):
+               train_vision: bool = True, binding_aux: dict | bool | None = None, train_threads: int | None = None,
+               weight_decay: float = 0.0):
     """The SFT model of ``variant``, trained once and cached in ``<models_dir>/sft-<variant>``
-    (``train_vision``, ``binding_aux``: see ``train_sft``).
+    (``train_vision``, ``binding_aux``, ``weight_decay``: see ``train_sft``).
 
     ``train_threads``: torch threads while this call trains (None: the process's setting, restored
     afterwards). It changes the speed and the last bits of the weights, not the recipe, so it is not
@@ -595,7 +602,8 @@ def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.
         _fingerprint(_base_plan(corpus_items, image_size, seed, model_kwargs)[2])
     out_dir = resolve(models_dir) / f"sft-{variant}"
     settings = {**_settings(variant, train_items, steps=steps, lr=lr, batch_size=batch_size,
-                            image_size=image_size, seed=seed, train_vision=train_vision, binding_aux=binding_aux),
+                            image_size=image_size, seed=seed, train_vision=train_vision, binding_aux=binding_aux,
+                            weight_decay=weight_decay),
                 "tag": {"base": base}}
     start = lambda: ensure_base(models_dir, corpus_items, image_size=image_size, seed=seed,  # noqa: E731
                                 model_path=model_path, model_kwargs=model_kwargs, device=device)
@@ -607,7 +615,8 @@ def ensure_sft(models_dir: str | Path, variant: str, train_items: Sequence[data.
             torch.set_num_threads(int(train_threads))
         return _cached_run(out_dir, settings, start, train_items, variant=variant, steps=steps, lr=lr,
                            batch_size=batch_size, image_size=image_size, seed=seed, log_every=log_every,
-                           save_every=save_every, device=device, train_vision=train_vision, binding_aux=binding_aux)
+                           save_every=save_every, device=device, train_vision=train_vision, binding_aux=binding_aux,
+                           weight_decay=weight_decay)
     finally:
         torch.set_num_threads(before)
 
@@ -650,15 +659,16 @@ def ensure_adversarial_sft(models_dir: str | Path, variant: str, train_items: Se
 
 def variant_kwargs(variant: str, *, steps: int, nothink_steps: int | None = None,
                    nothink_binding_aux: dict | bool | None = None, nothink_threads: int | None = None,
-                   **kwargs) -> dict:
+                   nothink_weight_decay: float | None = None, **kwargs) -> dict:
     """``ensure_sft``'s keyword arguments for ``variant`` from a profile's ``sft_*`` parameters:
     the nothink variant trains ``nothink_steps`` steps (None: ``steps``) with
-    ``nothink_binding_aux``, on ``nothink_threads`` torch threads (None: the process's); the think
-    variant trains ``steps`` steps with none of them. Every notebook that loads an SFT model goes
-    through this, so they all name the same cached run."""
+    ``nothink_binding_aux`` and AdamW's ``nothink_weight_decay`` (None: 0), on ``nothink_threads``
+    torch threads (None: the process's); the think variant trains ``steps`` steps with none of them.
+    Every notebook that loads an SFT model goes through this, so they all name the same cached run."""
     if variant == "nothink":
         return {**kwargs, "steps": steps if nothink_steps is None else nothink_steps,
-                "binding_aux": nothink_binding_aux, "train_threads": nothink_threads}
+                "binding_aux": nothink_binding_aux, "train_threads": nothink_threads,
+                "weight_decay": nothink_weight_decay or 0.0}
     return {**kwargs, "steps": steps}
 
 
@@ -671,7 +681,8 @@ def ensure_sft_variants(models_dir: str | Path, variants: Sequence[str], train_i
     variants then train in the time of one; cached ones are only loaded). The shared base is
     built first, in this process, so both start from the same weights; each run is the same
     computation as in this process, and it checkpoints and resumes the same way. ``kwargs`` go
-    through ``variant_kwargs`` (``nothink_steps``, ``nothink_binding_aux``, ``nothink_threads``) to
+    through ``variant_kwargs`` (``nothink_steps``, ``nothink_binding_aux``, ``nothink_threads``,
+    ``nothink_weight_decay``) to
     ``ensure_sft``; use ``workers=1`` for GPU runs (one device), and for runs that use more than
     one thread each (the tiny profile's nothink run takes both cores after the think run)."""
     from .workbook import background

@@ -126,6 +126,20 @@ def test_fewer_then_more_steps_continues(items, base_dir, tmp_path, monkeypatch)
         sft.train_sft(vlm, items, steps=5, **kw)
 
 
+def test_weight_decay_shrinks_the_weights_and_is_part_of_the_run(items, base_dir, tmp_path):
+    kw = dict(variant="nothink", steps=3, lr=2e-3, batch_size=3, image_size=SIZE, log_every=1, save_every=100)
+    plain = _weights(sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "plain", **kw))
+    decayed = sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "wd", weight_decay=0.5, **kw)
+    assert json.loads((tmp_path / "wd" / "done.json").read_text())["weight_decay"] == 0.5
+    assert "weight_decay" not in json.loads((tmp_path / "plain" / "done.json").read_text())
+    norm = lambda w: sum(float(v.float().norm()) for k, v in w.items() if "embed_tokens" in k)  # noqa: E731
+    assert norm(_weights(decayed)) < norm(plain)
+    with pytest.raises(ValueError, match="different run.*weight_decay"):  # another decay is another run
+        sft.train_sft(decayed, items, out_dir=tmp_path / "wd", **{**kw, "steps": 4})
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        sft.train_sft(decayed, items, out_dir=tmp_path / "neg", weight_decay=-0.1, **kw)
+
+
 def test_batches_are_a_function_of_seed_and_step():
     n, bs = 10, 4
     order = [i for step in range(5) for i in sft.batch_indices(n, bs, step, seed=1)]
@@ -312,7 +326,10 @@ def test_variants_trained_in_parallel_processes_equal_sequential_training(items,
 def test_variant_kwargs_gives_nothink_its_own_steps_and_binding():
     kw = dict(steps=10, lr=1e-3, nothink_steps=None, nothink_binding_aux=True)
     assert sft.variant_kwargs("think", **kw) == {"steps": 10, "lr": 1e-3}
-    assert sft.variant_kwargs("nothink", **kw) == {"steps": 10, "lr": 1e-3, "binding_aux": True, "train_threads": None}
+    assert sft.variant_kwargs("nothink", **kw) == {"steps": 10, "lr": 1e-3, "binding_aux": True, "train_threads": None,
+                                                   "weight_decay": 0.0}
+    assert sft.variant_kwargs("nothink", **{**kw, "nothink_weight_decay": 0.1})["weight_decay"] == 0.1
+    assert "weight_decay" not in sft.variant_kwargs("think", **{**kw, "nothink_weight_decay": 0.1})
     assert sft.variant_kwargs("nothink", **{**kw, "nothink_steps": 40})["steps"] == 40
     assert sft.variant_kwargs("nothink", **{**kw, "nothink_threads": 2})["train_threads"] == 2
     assert "train_threads" not in sft.variant_kwargs("think", **{**kw, "nothink_threads": 2})
