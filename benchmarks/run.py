@@ -21,6 +21,7 @@ SCRIPTS = {  # name -> (script, args, args with --quick, its Markdown output)
     "pgd": ("bench_pgd.py", [], ["--repeats", "3"], "bench_pgd.md"),
     "certify": ("bench_certify.py", [], ["--repeats", "1"], "bench_certify.md"),
     "train": ("bench_train.py", [], ["--steps", "3"], "bench_train.md"),
+    "sft": ("bench_sft.py", ["--no-cache"], ["--steps", "40"], "bench_sft.md"),
     "cost": ("bench_cost.py", [], ["--quick"], "cost.md"),
     "opt": ("bench_opt.py", [], ["--repeats", "3"], "bench_opt.md"),
     "gpu": ("gpu_check.py", [], [], "gpu_check.md"),
