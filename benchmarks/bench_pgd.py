@@ -51,11 +51,12 @@ def medians(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def load_note() -> str:
-    """The 1-minute load average and whether it means contended timings. A benchmark on one torch
-    thread alone puts the load near 1; above 1.5, another job shared the cores."""
+def load_note(threads: int = 1) -> str:
+    """The 1-minute load average and whether it means contended timings. A benchmark on ``threads``
+    torch threads alone puts the load near ``threads``; above ``threads + 0.5``, another job shared
+    the cores."""
     load, cpus = os.getloadavg()[0], os.cpu_count()
-    state = "contended: another job shared the cores" if load > 1.5 else "a quiet machine"
+    state = "contended: another job shared the cores" if load > threads + 0.5 else "a quiet machine"
     return f"load average {load:.2f} on {cpus} cores ({state})"
 
 

@@ -26,16 +26,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_pgd import write  # noqa: E402
+from bench_pgd import load_note, write  # noqa: E402
 
 LIMIT_S = 600  # the issue's budget for each SFT variant, on 2 cores
-
-
-def load_note(threads: int) -> str:
-    """The 1-minute load average against what ``threads`` busy threads alone would give."""
-    load, cpus = os.getloadavg()[0], os.cpu_count()
-    state = "contended: another job shared the cores" if load > threads + 0.5 else "a quiet machine"
-    return f"load {load:.2f} on {cpus} cores ({state})"
 
 
 def step_time(out_dir: Path) -> float:
@@ -53,19 +46,22 @@ def time_run(vlm_dir: Path, train, cfg: dict, variant: str, threads: int, steps:
 
     safemed_lib.set_threads(threads)
     vlm = models.load_vlm(vlm_dir, image_size=cfg["image_size"])
-    binding = cfg["sft_nothink_binding"] if variant == "nothink" else None
+    # the variant's settings as every notebook gets them from the profile
+    kw = sft.variant_kwargs(variant, steps=cfg["sft_steps"], nothink_steps=cfg["sft_nothink_steps"],
+                            nothink_binding_aux=cfg["sft_nothink_binding"],
+                            nothink_weight_decay=cfg["sft_nothink_weight_decay"])
+    kw.pop("train_threads", None)  # set above
+    profile_steps = kw.pop("steps")
     original = sft.cached_image_embeds
     if not cache:
         sft.cached_image_embeds = lambda vlm, items, size, cache: data.load_images(items, size=size)
     try:
         sft.train_sft(vlm, train, variant=variant, steps=steps, lr=cfg["sft_lr"], batch_size=cfg["sft_batch_size"],
                       image_size=cfg["image_size"], out_dir=out, train_vision=cfg["sft_train_vision"],
-                      binding_aux=binding, weight_decay=(cfg["sft_nothink_weight_decay"] or 0.0) if variant == "nothink" else 0.0,
-                      seed=0, log_every=10, save_every=10 ** 9)
+                      seed=0, log_every=10, save_every=10 ** 9, **kw)
     finally:
         sft.cached_image_embeds = original
     s = step_time(out)
-    profile_steps = cfg["sft_nothink_steps"] if variant == "nothink" else cfg["sft_steps"]
     return {"variant": variant, "threads": threads, "image_cache": cache, "step_s": s,
             "profile_steps": profile_steps, "projected_s": s * profile_steps, "load": load_note(threads)}
 
