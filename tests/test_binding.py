@@ -214,7 +214,7 @@ def _loop_loss(vlm, heads, cfg, extras, items, mode, scenes):
     parts = {"match": F.binary_cross_entropy_with_logits(torch.cat(xs), torch.cat(ys)),
              "letter": F.cross_entropy(torch.cat(lx), torch.cat(ly)), "attention": torch.stack(att).mean(),
              "content": torch.stack(con).mean(), "scene": torch.stack(scene).mean(0).mean()}
-    return sum(parts.values()), {**{k: float(v) for k, v in parts.items()}, "pick": picks / len(items)}
+    return sum(parts.values()), {**{k: float(v.detach()) for k, v in parts.items()}, "pick": picks / len(items)}
 
 
 def test_batched_loss_equals_the_item_by_item_loss_and_its_gradients(items, base_dir):
