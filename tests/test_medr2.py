@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from safemed_lib import bench_r2 as br
+from safemed_lib import medr2 as br
 from safemed_lib import data, synth
 from safemed_lib.data import DataError
 
