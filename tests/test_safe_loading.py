@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-SOURCES = sorted(Path(__file__).resolve().parents[1].glob("safemed_lib/*.py")) + \
-    sorted(Path(__file__).resolve().parents[1].glob("scripts/*.py"))
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = sorted(ROOT.glob("safemed_lib/**/*.py")) + sorted(ROOT.glob("scripts/*.py"))  # subpackages too
 
 
 def _calls(tree):
@@ -16,7 +16,7 @@ def _calls(tree):
             yield name, node
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_source_loads_safely(path):
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
