@@ -1,5 +1,6 @@
-"""The attack visualizer: one PGD attack on one item, shown as panels; an ipywidgets app around it.
+"""Figures of items and attacks: a sample grid of the benchmark, and the attack visualizer.
 
+- :func:`sample_grid`: a grid of images, one row per modality (notebook 01).
 - :func:`real_image_items`: real medical images that ship inside registry packages
   (scikit-image's fundus and histology images, pydicom's CT / MR / ultrasound test files and
   pydicom-data's chest X-ray), resized onto the model's grid and saved as PNG, each with a
@@ -325,3 +326,33 @@ def attack_app(models: dict, items: Sequence[data.VQAItem], *, image_size: int |
     app.refresh = refresh
     refresh()
     return app
+
+
+def sample_grid(items: Sequence, per_modality: int = 6, size: int | None = None, seed: int = 0):
+    """A matplotlib figure: one row per modality, ``per_modality`` images each (distinct images,
+    picked with ``seed``), titled with the answer of one of their questions."""
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+    by_mod: dict[str, dict] = {}
+    for it in items:
+        by_mod.setdefault(it.modality, {}).setdefault(str(it.image_path), it)
+    mods = [m for m in synth.MODALITIES if m in by_mod]
+    if not mods:
+        raise ValueError("sample_grid: no items")
+    fig, axes = plt.subplots(len(mods), per_modality, figsize=(1.6 * per_modality, 1.75 * len(mods)),
+                             squeeze=False)
+    for r, m in enumerate(mods):
+        imgs = list(by_mod[m].values())
+        pick = [imgs[i] for i in sorted(rng.permutation(len(imgs))[:per_modality])]
+        for c in range(per_modality):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(pick):
+                x = data.load_image(pick[c].image_path, size)
+                ax.imshow(x.permute(1, 2, 0).numpy())
+                ax.set_title(pick[c].answer_text[:22], fontsize=7)
+        axes[r, 0].text(-0.08, 0.5, m, transform=axes[r, 0].transAxes, ha="right", va="center",
+                        fontsize=9)
+    fig.tight_layout()
+    return fig

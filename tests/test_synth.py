@@ -1,4 +1,4 @@
-"""Tests of the embedded benchmark generator (safemed_lib.synth), read back through data.py."""
+"""Tests of the embedded benchmark generator (safemed_lib.synth), read back through safemed_lib.data."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safemed_lib import data, synth
+from safemed_lib import baselines, data, synth
 
 N = 160  # 20 images per modality, 320 questions
 
@@ -190,8 +190,8 @@ def test_rationale(bench):
 def test_text_only_baseline_near_chance(big):
     _, items = big
     train, test = data.split_by_image(items, test_frac=0.3, seed=0)
-    acc = synth.text_only_baseline(train, test)
-    chance = synth.chance_level(test)
+    acc = baselines.text_only_baseline(train, test)
+    chance = baselines.chance_level(test)
     assert abs(acc - chance) < 0.06, (acc, chance)
 
 
@@ -205,7 +205,7 @@ def test_text_only_baseline_detects_a_text_leak(big):
         leaky.append(data.VQAItem(it.question_id, it.dataset, it.image_path, it.question, opts,
                                   "A", it.modality, it.question_type))
     train, test = data.split_by_image(leaky, test_frac=0.3, seed=0)
-    assert synth.text_only_baseline(train, test) > 0.95
+    assert baselines.text_only_baseline(train, test) > 0.95
 
 
 def test_ensure_benchmark_caches_and_regenerates(tmp_path):
