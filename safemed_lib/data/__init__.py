@@ -1,4 +1,4 @@
-"""Medical VQA data: the VQAItem record, OmniMedVQA and Med-R1 loaders, image loading, per-image splits."""
+"""Medical VQA data: the VQAItem record, OmniMedVQA and Med-R1 loaders, images, per-image splits."""
 from .images import load_image, load_images
 from .items import (CHECK_IMAGES, LETTERS, MODALITIES, OMNIMEDVQA_MODALITY, QUESTION_TYPES,
                     UNKNOWN_MODALITY, DataError, DataWarning, LoadResult, Skipped, VQAItem)
