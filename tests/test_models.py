@@ -95,7 +95,7 @@ def test_prompt_ids_are_memoized_and_equal_fresh_tokenization(vlm, monkeypatch):
         assert vlm.prompt_ids(ITEMS[0], "think", 4) == fresh and len(calls) == 3  # memo off: rendered again
     finally:
         vlm.cache_prompts = True
-    monkeypatch.setattr(models, "PROMPT_CACHE_SIZE", 2)
+    monkeypatch.setattr("safemed_lib.models.vlm.PROMPT_CACHE_SIZE", 2)  # read where VLM.prompt_ids lives
     vlm.prompt_ids(ITEMS[1], "think", 4)  # third prompt: the full memo is cleared first
     assert len(vlm._prompt_ids) == 1
 

@@ -1,17 +1,11 @@
-"""Qwen2-VL / Qwen2.5-VL behind one small wrapper: build, load, save, preprocess, score, generate.
+"""``VLM``: one Qwen2-VL / Qwen2.5-VL model with its processor: preprocess, prompt, score, generate, save.
 
 - ``VLM``: the model, its processor and tokenizer, a differentiable image preprocessing
   (``preprocess``), chat formatting, batched greedy ``generate``, ``option_logprobs`` (one forward
-  pass, no generation) and ``sequence_nll`` (teacher forcing, differentiable w.r.t. the images).
-- ``build_tiny_vlm``: the real ``Qwen2VLForConditionalGeneration`` (or Qwen2.5-VL) class with a small
-  config and a byte-level BPE tokenizer trained locally; runs on a CPU.
-- ``load_vlm``: what ``VLM.save`` wrote, or a real Qwen2-VL / Qwen2.5-VL checkpoint directory
-  (safetensors only, no remote code); optional PEFT LoRA.
-
-transformers 5.x trap (STACK_NOTES.md): the default Qwen2-VL image and video processors need
-torchvision, which must not be installed here, and ``AutoProcessor`` can silently return just the
-tokenizer. So the processor is always built explicitly: ``Qwen2VLImageOnlyProcessor`` (an
-image-only ``Qwen2VLProcessor``) around ``Qwen2VLImageProcessorPil``.
+  pass, no generation) and ``sequence_nll`` (teacher forcing, differentiable w.r.t. the images);
+  ``save`` and PEFT LoRA (``add_lora``, ``merge_lora``).
+- ``ImageEmbeds``: the vision tower's output, which the scoring methods take in place of images.
+- ``vision_tower``: a ``VLM``'s vision encoder; ``ARCHS``: the supported architectures.
 
 Images everywhere are float tensors (B,3,H,W) in [0,1] with H and W multiples of 28 (patch 14 x
 merge 2); ``data.load_image(path, size=...)`` resizes to that grid. On the grid the torch
@@ -21,66 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from . import prompts
+from .. import prompts
+from .processor import IMAGE_TOKEN
 
 SETTINGS_FILE = "safemed_vlm.json"
 ARCHS = ("qwen2_vl", "qwen2_5_vl")
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 PROMPT_CACHE_SIZE = 4096  # tokenized prompts a VLM keeps (VLM.prompt_ids)
-# Qwen2's pre-tokenizer regex, so the tiny tokenizer splits text like the real one does.
-QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-# The official Qwen2-VL chat template, trimmed: no videos, no vision ids; default system prompt kept.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def _processor_class():
-    """``Qwen2VLImageOnlyProcessor``: Qwen2VLProcessor without the torchvision-bound video processor."""
-    from transformers import Qwen2VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = IMAGE_TOKEN, VIDEO_TOKEN
-            self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return Qwen2VLImageOnlyProcessor
-
-
-_PROCESSOR_CLASS = None
-
-
-def image_only_processor(image_processor, tokenizer, chat_template: str | None):
-    """Build the image-only processor (the class is created once, on first use)."""
-    global _PROCESSOR_CLASS
-    if _PROCESSOR_CLASS is None:
-        _PROCESSOR_CLASS = _processor_class()
-    return _PROCESSOR_CLASS(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
 
 def _model_class(arch: str):
@@ -440,194 +386,7 @@ class VLM:
         return self
 
 
-# ---------------------------------------------------------------------- building
-
-
 def vision_tower(vlm) -> torch.nn.Module:
     """The vision encoder (patch embedding, blocks and the merger into the language model's width)
     of a Qwen2-VL / Qwen2.5-VL ``VLM``."""
     return vlm.model.model.visual
-
-
-def _train_tokenizer(corpus: Sequence[str], vocab_size: int):
-    from tokenizers import Regex, Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(tok_models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(corpus), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL_TOKENS[1:])
-    fast.chat_template = CHAT_TEMPLATE
-    fast.padding_side = "left"
-    return fast
-
-
-def _tokenizer_corpus(corpus: Sequence[str]) -> list[str]:
-    """The caller's texts plus the templates, tags and every canonical answer block, repeated so
-    that the answer tokens (e.g. ``" C"``) are merged."""
-    extra = [t.replace("{question}", "") for t in prompts.PROMPTS.values()]
-    answers = [prompts.format_completion(letter, "nothink") for letter in prompts.LETTERS[:5]]
-    extra += [f"<think> x </think>\n{a}" for a in answers]
-    return list(corpus) + extra * 20 + answers * 50
-
-
-def build_tiny_vlm(corpus: Sequence[str], seed: int = 0, *, arch: str = "qwen2_vl", hidden_size: int = 128,
-                   layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate_size: int | None = None,
-                   vision_depth: int = 2, vision_dim: int = 64, vision_heads: int = 4, image_size: int = 112,
-                   vocab_size: int = 2048, rope_theta: float = 1e4) -> VLM:
-    """A small, untrained Qwen2-VL-architecture model (the real transformers class) for CPU work.
-
-    ``corpus``: texts the byte-level BPE tokenizer is trained on (the benchmark's questions,
-    options and rationales; the prompt templates, tags and answer blocks are added). The tokenizer
-    uses Qwen2's pre-tokenizer regex, Qwen2-VL's special tokens and a trimmed official chat
-    template. ``arch``: "qwen2_vl" or "qwen2_5_vl". Deterministic for a ``seed`` and corpus (the
-    caller's global RNG is left untouched). ``image_size`` is recorded as the model's image side.
-    ``rope_theta``: the language model's rotary base; M-RoPE gives the width section the lowest
-    frequencies, so at 1e4 and a head size of 32 the language model barely tells image columns apart
-    (docs/tiny_model_learnability.md, ninth round, measured 10 and 100: no gain).
-    """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as IP
-
-    if image_size % 28:
-        raise ValueError(f"image_size must be a multiple of 28, got {image_size}")
-    if hidden_size % heads or (hidden_size // heads) % 8:
-        raise ValueError(f"hidden_size/heads must be a multiple of 8, got {hidden_size}/{heads}")
-    tok = _train_tokenizer(_tokenizer_corpus(corpus), vocab_size)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    head_dim = hidden_size // heads
-    mrope = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]
-    text = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
-                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope})
-    if arch == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config
-        vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden_size, num_heads=vision_heads,
-                      mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    elif arch == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig as Config
-        vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=2 * vision_dim,
-                      num_heads=vision_heads, out_hidden_size=hidden_size, window_size=56,
-                      fullatt_block_indexes=[vision_depth - 1], patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2)
-    else:
-        raise ValueError(f"unsupported arch {arch!r}; expected one of {ARCHS}")
-    config = Config(text_config=text, vision_config=vision, image_token_id=ids[IMAGE_TOKEN],
-                    video_token_id=ids[VIDEO_TOKEN], vision_start_token_id=ids["<|vision_start|>"],
-                    vision_end_token_id=ids["<|vision_end|>"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _model_class(arch)(config)
-    model.eval()
-    ip = IP(size={"shortest_edge": 56 * 56, "longest_edge": max(28 * 28 * 1280, image_size * image_size)})
-    vlm = VLM(model, image_only_processor(ip, tok, CHAT_TEMPLATE), arch=arch, image_size=image_size)
-    vlm.letter_token_ids()  # fail early if the answer letters are not single tokens
-    return vlm
-
-
-# ---------------------------------------------------------------------- loading
-
-
-def _read_chat_template(path: Path, tokenizer) -> str | None:
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    if (path / "chat_template.json").is_file():
-        return json.loads((path / "chat_template.json").read_text()).get("chat_template")
-    return getattr(tokenizer, "chat_template", None)
-
-
-def _check_checkpoint(path: Path) -> str:
-    """The checkpoint's arch, or a clear error on anything else."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
-    files = sorted(p.name for p in path.iterdir())
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file() and (path / "adapter_config.json").is_file():
-        raise ValueError(f"{path} holds a PEFT LoRA adapter, not a model: load it with "
-                         f"load_vlm(<base model dir>, lora={str(path)!r})")
-    if not cfg_file.is_file():
-        raise ValueError(f"{path} is not a supported checkpoint: no config.json (found: {files or 'nothing'})")
-    try:
-        model_type = json.loads(cfg_file.read_text()).get("model_type")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
-    if model_type not in ARCHS:
-        raise ValueError(f"{path}: config.json model_type is {model_type!r}; supported: {ARCHS}")
-    if not any(name.endswith(".safetensors") for name in files):
-        other = [n for n in files if re.search(r"\.(bin|pt|pth|ckpt)$", n)]
-        raise ValueError(f"{path}: no .safetensors weights (found {other or files}); only safetensors "
-                         f"checkpoints are loaded (pickled .bin/.pt weights are refused)")
-    return model_type
-
-
-def load_vlm(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-             lora: dict | str | Path | None = None, image_size: int | None = None) -> VLM:
-    """Load what ``VLM.save`` wrote, or a real Qwen2-VL / Qwen2.5-VL checkpoint directory.
-
-    Requires ``config.json`` with model_type "qwen2_vl" or "qwen2_5_vl" and safetensors weights;
-    never runs remote code. The processor is built explicitly (tokenizer + the PIL image processor
-    from the directory's image-processor config + chat template), never via ``AutoProcessor``.
-    ``dtype``: e.g. torch.float32 / "bfloat16" (default: the checkpoint's). ``lora``: a dict of
-    ``peft.LoraConfig`` arguments to attach a new adapter, or the path of a saved adapter.
-    ``image_size`` overrides the saved side (real checkpoints have none recorded).
-    ``device``: default ``$SAFEMED_DEVICE`` (the profile's ``device``, which ``safemed_lib.reproduce``
-    exports to the notebooks' kernels: "cuda" on the paper profile), else where the weights load (CPU).
-    """
-    import os
-
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    path = Path(path)
-    arch = _check_checkpoint(path)
-    settings = json.loads((path / SETTINGS_FILE).read_text()) if (path / SETTINGS_FILE).is_file() else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = "<|endoftext|>"
-    ip_files = [f for f in ("preprocessor_config.json", "processor_config.json") if (path / f).is_file()]
-    if not ip_files:
-        raise ValueError(f"{path}: no preprocessor_config.json / processor_config.json (image processor settings)")
-    ip = Qwen2VLImageProcessorPil(**_image_processor_kwargs(path / ip_files[0]))
-    processor = image_only_processor(ip, tokenizer, _read_chat_template(path, tokenizer) or CHAT_TEMPLATE)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = _model_class(arch).from_pretrained(path, dtype=dtype or "auto", use_safetensors=True,
-                                                trust_remote_code=False)
-    model.eval()
-    device = device or os.environ.get("SAFEMED_DEVICE") or None
-    if device is not None:
-        model.to(device)
-    vlm = VLM(model, processor, arch=arch, image_size=image_size or settings.get("image_size"))
-    if isinstance(lora, dict):
-        vlm.add_lora(**lora)
-    elif lora is not None:
-        from peft import PeftModel
-
-        vlm.model = PeftModel.from_pretrained(vlm.model, str(lora), is_trainable=False)
-    return vlm
-
-
-_IP_KEYS = ("size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size",
-            "image_mean", "image_std", "do_resize", "do_rescale", "do_normalize", "rescale_factor",
-            "do_convert_rgb", "resample")
-
-
-def _image_processor_kwargs(cfg_file: Path) -> dict:
-    """The PIL image processor's settings from a (pre)processor config, whichever class wrote it."""
-    cfg = json.loads(cfg_file.read_text())
-    cfg = cfg.get("image_processor", cfg)  # processor_config.json nests it
-    kwargs = {k: cfg[k] for k in _IP_KEYS if k in cfg}
-    size = kwargs.get("size")
-    if isinstance(size, dict) and not {"shortest_edge", "longest_edge"} <= set(size):
-        kwargs.pop("size")  # e.g. {"min_pixels":..., "max_pixels":...} from old configs
-        kwargs.setdefault("min_pixels", size.get("min_pixels", 56 * 56))
-        kwargs.setdefault("max_pixels", size.get("max_pixels", 28 * 28 * 1280))
-    return kwargs
