@@ -20,8 +20,6 @@ and compares it with the truth (the attack is judged end to end).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 import zlib
@@ -341,90 +339,3 @@ def pgd_perturb(vlm, *, prompt: str, eps: float, alpha: float | None = None, ste
 def item_seed(seed: int, question_id: str) -> int:
     """The random-start seed of one item: a function of (seed, question_id) only."""
     return (zlib.crc32(question_id.encode("utf-8")) + 1_000_003 * int(seed)) % (2 ** 63)
-
-
-# --------------------------------------------------------------------------- attack grids
-
-def attack_grid(linf_eps: Sequence[float] = (1, 2, 4, 8, 16), l2_eps: Sequence[float] = (0.25, 0.5, 1.0),
-                steps: int = 10) -> list[dict]:
-    """The settings of 03_attack: L-inf radii in 1/255 units and L2 radii in [0,1] pixel units,
-    each with Madry's step size (:func:`default_alpha`; 2/255 for 8/255 in 10 steps). Each entry:
-    ``{"name", "norm", "eps", "alpha", "steps"}``; the clean run is not included."""
-    grid = [{"name": f"linf_{e:g}", "norm": "linf", "eps": e / 255, "steps": steps} for e in linf_eps]
-    grid += [{"name": f"l2_{e:g}", "norm": "l2", "eps": float(e), "steps": steps} for e in l2_eps]
-    for g in grid:
-        g["alpha"] = default_alpha(g["eps"], steps)
-    return grid
-
-
-def model_digest(model) -> str:
-    """A short SHA-1 of a model's parameters (names and bytes), so that records written for one
-    set of weights are never reused for another."""
-    h = hashlib.sha1()
-    for name, p in model.state_dict().items():
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
-def evaluate_attacks(vlm, items: Sequence, *, prompt: str, image_size: int | None, grid: Sequence[dict],
-                     records_dir, tag: str, method: str = "generate", batch_size: int = 16,
-                     max_new_tokens: int = 64, seed: int = 0, restarts: int = 1, target: str = "auto",
-                     rounding: bool = True):
-    """Clean evaluation, then one attacked evaluation per ``grid`` entry (see :func:`attack_grid`),
-    all through ``evaluate.evaluate`` with per-item records
-    ``<records_dir>/<tag>_<name>_<digest>.jsonl`` (so an interrupted run resumes), the digest
-    covering the model's weights and every setting of that run (a retrained model or changed
-    settings start fresh files instead of reusing stale records). The clean outputs give think
-    models their ``clean_reasoning`` target without generating twice.
-
-    Returns one long DataFrame: evaluate's rows plus ``model`` (= ``tag``), ``attack`` (``clean`` or
-    the grid name), ``norm`` and ``eps`` (0 for clean).
-    """
-    import pandas as pd
-
-    from . import evaluate as ev
-    from .paths import resolve
-
-    records_dir = resolve(records_dir)
-    names = [g["name"] for g in grid]
-    if len(set(names)) != len(names) or "clean" in names:
-        raise ValueError(f"grid names must be unique and not 'clean', got {names}")
-    common = dict(prompt=prompt, image_size=image_size, method=method, batch_size=batch_size,
-                  max_new_tokens=max_new_tokens)
-    weights = model_digest(vlm.model)
-
-    def path(name, *settings):
-        key = json.dumps([weights, prompt, image_size, method, max_new_tokens, *settings], sort_keys=True)
-        return records_dir / f"{tag}_{name}_{hashlib.sha1(key.encode()).hexdigest()[:10]}.jsonl"
-
-    clean = ev.evaluate(vlm, items, records_path=path("clean"), desc=f"{tag} clean", **common)
-    frames = [clean.assign(model=tag, attack="clean", norm="none", eps=0.0)]
-    outputs = dict(zip(clean["question_id"], clean["output"]))
-    for g in grid:
-        hook = pgd_perturb(vlm, prompt=prompt, eps=g["eps"], alpha=g.get("alpha"), steps=g["steps"], norm=g["norm"],
-                           target=target, restarts=restarts, seed=seed, rounding=rounding,
-                           clean_outputs=outputs if method == "generate" else None, max_new_tokens=max_new_tokens)
-        settings = dict(g, seed=seed, restarts=restarts, target=target, rounding=rounding)
-        df = ev.evaluate(vlm, items, records_path=path(g["name"], settings), perturb=hook,
-                         desc=f"{tag} {g['name']}", **common)
-        frames.append(df.assign(model=tag, attack=g["name"], norm=g["norm"], eps=float(g["eps"])))
-    return pd.concat(frames, ignore_index=True)
-
-
-def sweep_table(df, by: Sequence[str] = ("model", "norm", "eps")):
-    """Accuracy (%), invalid-answer rate (%) and item count per (model, norm, eps) of
-    :func:`evaluate_attacks`' output, with eps also in 1/255 units for L-inf."""
-    by = list(by)
-    out = (df.groupby(by, sort=True)
-             .agg(accuracy=("correct", lambda c: 100.0 * c.astype(bool).mean()),
-                  invalid=("pred", lambda p: 100.0 * p.isna().mean()), n=("correct", "size"))
-             .reset_index())
-    if "norm" in out:
-        order = {"none": 0, "linf": 1, "l2": 2}
-        out = out.sort_values(by, key=lambda c: c.map(order) if c.name == "norm" else c, kind="stable")
-        out = out.reset_index(drop=True)
-    if "eps" in out and "norm" in out:
-        out["eps_label"] = [f"{e * 255:g}/255" if n == "linf" else ("0" if n == "none" else f"{e:g}")
-                            for n, e in zip(out["norm"], out["eps"])]
-    return out

@@ -20,7 +20,9 @@ item's row.
 With ``records_path`` every finished batch is appended to a ``safemed_lib.records.Records``
 JSONL file (key = question_id), so an interrupted run resumes where it stopped, without
 recomputing or duplicating items. The records also carry the run's settings; resuming with
-different settings is an error rather than a silent mix.
+different settings is an error rather than a silent mix. :func:`cached` files such records in a
+run directory of :mod:`safemed_lib.runs` keyed by the model and the settings, so an evaluation is
+done once and read back afterwards without loading the model.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import data, prompts
+from . import data, prompts, runs
 from .records import Records
 
 LETTERS = "ABCDE"
@@ -145,6 +147,41 @@ def evaluate(vlm, items: Sequence[data.VQAItem], *, prompt: str = "nothink", ima
         bar.update(len(batch))
     bar.close()
     return pd.DataFrame([rows[it.question_id] for it in items])
+
+
+RECORDS = "records.jsonl"
+
+
+class _Recorded:
+    """Stands in for a VLM when every result is already recorded (evaluate() then only reads)."""
+
+    class model:  # noqa: N801
+        @staticmethod
+        def eval():
+            return None
+
+
+def cached(load_model: Callable[[], Any], items: Sequence[data.VQAItem], run_dir: str | Path, *, model_key: Any,
+           extra_key: Any = None, **eval_kwargs) -> pd.DataFrame:
+    """:func:`evaluate` once per (``model_key``, items, settings, ``extra_key``), with its records in
+    ``<run_dir>/records.jsonl`` (a run of ``runs.cached``: an interrupted evaluation resumes, a
+    finished one is read back without calling ``load_model``). ``model_key`` names the model (e.g.
+    ``zoo.fingerprint``); ``extra_key`` what a ``perturb`` hook does (its settings)."""
+    items = list(items)
+    settings = {k: v for k, v in eval_kwargs.items() if k not in ("perturb", "desc")}
+    key = {"model": model_key, "items": runs.ids_digest(items), "n": len(items), **settings, "perturb": extra_key}
+    fresh: dict[str, pd.DataFrame] = {}
+
+    def run(d: Path):
+        fresh["df"] = df = evaluate(load_model(), items, records_path=d / RECORDS, **eval_kwargs)
+        return {"n": len(df), "accuracy": float(df["correct"].mean()) if len(df) else None}
+
+    def read(d: Path, _):
+        if "df" in fresh:
+            return fresh["df"]
+        return evaluate(_Recorded(), items, records_path=d / RECORDS, **eval_kwargs)
+
+    return runs.cached(Path(run_dir), key, run, load=read)
 
 
 def _order(values: Sequence[str], canonical: Sequence[str]) -> list[str]:

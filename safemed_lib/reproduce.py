@@ -1,10 +1,11 @@
 """Run the workbook's notebooks in order through papermill with a profile.
 
-    python -m safemed_lib.reproduce --profile tiny [--only 03 05] [-p key=value ...] [--keep-going]
+    python -m safemed_lib.reproduce --profile tiny [--only 03 05] [--set key=value ...] [--keep-going]
 
-A profile is a plain YAML file in ``configs/`` (or a path); each key is a papermill parameter and a
-notebook receives the keys its ``parameters`` cell declares. ``-p key=value`` overrides one value
-(the value is read as YAML: ``-p eval_n=50``, ``-p model_path=null``). Executed notebooks go to
+Every notebook's ``parameters`` cell declares ``profile`` and ``overrides``; papermill injects the
+profile (a name in ``configs/`` or a YAML path, see ``safemed_lib.config``) and the overrides
+(``--set attack.eps=4 --set eval.n=50``: dotted keys, values read as YAML), which are validated
+before any notebook runs (an unknown key is an error naming it). Executed notebooks go to
 ``runs/<profile>/``. A failing notebook is named with its failing cell; its partial output notebook
 is kept; the run stops there (or goes on with ``--keep-going``) and exits non-zero.
 ``--prepare-only`` writes the parameterized notebooks without executing them (``make test`` hands
@@ -24,39 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from . import config
 from .paths import FIGURES, PROJECT_ROOT, RESULTS, RUNS, resolve
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
-CONFIGS = PROJECT_ROOT / "configs"
-
-
-def load_profile(profile: str | Path, overrides: dict | None = None) -> dict:
-    """The profile's parameters: ``configs/<name>.yaml`` or a YAML path, then the overrides."""
-    path = Path(profile)
-    if not path.suffix:
-        path = CONFIGS / f"{profile}.yaml"
-    path = resolve(path)
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
-        raise SystemExit(f"profile {profile!r}: no file {path} (known profiles: {known})")
-    params = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(params, dict):
-        raise SystemExit(f"profile {path}: expected a mapping of parameter: value, got {type(params).__name__}")
-    params.setdefault("profile", path.stem)
-    params.update(overrides or {})
-    return params
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"-p {pair!r}: expected key=value")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def find_notebooks(folder: Path = NOTEBOOKS, only: list[str] | None = None) -> list[Path]:
@@ -110,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m safemed_lib.reproduce", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="tiny", help="configs/<name>.yaml or a YAML path (default: tiny)")
     ap.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks (number or name)")
-    ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
+    ap.add_argument("--set", "-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one configuration key, e.g. --set attack.eps=4 (repeatable)")
     ap.add_argument("--keep-going", action="store_true", help="go on after a failing notebook")
     ap.add_argument("--out", help="folder for executed notebooks (default: runs/<profile>)")
     ap.add_argument("--notebooks", default=str(NOTEBOOKS), help="folder of NN_*.ipynb notebooks")
@@ -118,25 +91,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel", default="python3")
     args = ap.parse_args(argv)
 
-    params = load_profile(args.profile, parse_overrides(args.param))
+    try:
+        overrides = config.parse_overrides(args.overrides)
+        cfg = config.load(args.profile, overrides)
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    profile = str(args.profile) if Path(str(args.profile)).suffix else cfg.profile
+    params = {"profile": profile, "overrides": overrides}
     books = find_notebooks(Path(args.notebooks), args.only)
     if not books:
         print(f"no NN_*.ipynb notebooks in {args.notebooks}", file=sys.stderr)
         return 2
-    unknown = set(parse_overrides(args.param)) - set().union(*(declared_parameters(b) for b in books))
-    if unknown:
-        print(f"warning: -p {', '.join(sorted(unknown))}: no selected notebook declares this parameter", file=sys.stderr)
-    out_dir = resolve(args.out or RUNS / str(params["profile"]))
+    out_dir = resolve(args.out or RUNS / cfg.profile)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Kernels inherit the environment: one torch thread unless the profile says otherwise.
-    os.environ.setdefault("OMP_NUM_THREADS", str(params.get("threads", 1)))
-    if params.get("device"):  # models.load_vlm puts every loaded model there (paper profile: cuda)
-        os.environ.setdefault("SAFEMED_DEVICE", str(params["device"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     verb = "preparing" if args.prepare_only else "running"
-    print(f"{verb} {len(books)} notebook(s) with profile {params['profile']!r} -> {out_dir}")
+    print(f"{verb} {len(books)} notebook(s) with profile {cfg.profile!r}"
+          + (f" and overrides {overrides}" if overrides else "") + f" -> {out_dir}")
     t_all, outcomes = time.time(), []
     for i, nb in enumerate(books, 1):
         print(f"[{i}/{len(books)}] {nb.name}", flush=True)
@@ -150,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {res.status} in {res.seconds:.1f} s", flush=True)
     wall = time.time() - t_all
 
-    summary = {"profile": params["profile"], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    summary = {"profile": cfg.profile, "overrides": overrides, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                "wall_seconds": round(wall, 1), "partial": bool(args.only),
                "notebooks": [o.__dict__ for o in outcomes]}
     summary_file = out_dir / ("summary-partial.json" if args.only else "summary.json")

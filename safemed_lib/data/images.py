@@ -110,3 +110,16 @@ def load_images(items: Sequence[VQAItem | str | Path], size: int | None, *,
     if len(shapes) > 1:
         raise DataError(f"load_images: images have different shapes {sorted(shapes)}; pass size=")
     return torch.stack(xs)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """A (3,H,W) float image in [0,1] as an RGB PIL image, rounded to the 8-bit grid."""
+    if x.dim() != 3 or x.shape[0] != 3:
+        raise ValueError(f"to_pil expects a (3,H,W) image, got shape {tuple(x.shape)}")
+    arr = torch.round(x.detach().float().clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr, mode="RGB")
+
+
+def from_pil(im: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a (3,H,W) float tensor in [0,1] (exact for 8-bit images)."""
+    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255

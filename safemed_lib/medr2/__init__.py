@@ -97,13 +97,14 @@ Modules (imports flow down this list; every name below is re-exported here, so
 - ``metrics``: stage_accuracy, chain_accuracy, conditional_accuracy, flip_rates,
   stage_degradation, summary_table;
 - ``claims``: medr2_claims (CLAIM_MIN_ACC);
-- ``train``: stepwise fine-tuning (TRAIN_MODES, training_items, ensure_r2_sft).
+- ``train``: the items of stepwise and plain fine-tuning (TRAIN_MODES, training_items); the models
+  are ``zoo`` names ``r2-stepwise`` and ``r2-plain``.
 """
 from __future__ import annotations
 
 from .cases import (FORMAT, LETTERS, STAGE_NOUN, STAGE_QUESTION, STAGE_QUESTION_TYPE, STAGES, StageQuestion,
                     StepwiseCase, case_record, load_stepwise, save_stepwise)
-from .build import (benchmark_cases, case_from_scene, finding_of, finding_space, make_stepwise, region_of,
+from .build import (benchmark_cases, case_from_scene, cases_for, finding_of, finding_space, make_stepwise, region_of,
                     region_space, split_cases)
 from .items import CONTEXTS, StageItem, context_sentence, gold_context, question_text, stage_item, to_vqa
 from .cues import (BOX_COLOUR, BOX_NOTE, CUES, NEUTRAL_NOTE, Cue, authority_wrong, box_true, box_wrong,
@@ -113,14 +114,14 @@ from .run import evaluate_stage_items, run_stepwise, run_suite
 from .metrics import (chain_accuracy, conditional_accuracy, flip_rates, stage_accuracy, stage_degradation,
                       summary_table)
 from .claims import CLAIM_MIN_ACC, medr2_claims
-from .train import TRAIN_MODES, ensure_r2_sft, training_items
+from .train import TRAIN_MODES, training_items
 
 __all__ = [
     # cases
     "FORMAT", "LETTERS", "STAGE_NOUN", "STAGE_QUESTION", "STAGE_QUESTION_TYPE", "STAGES", "StageQuestion",
     "StepwiseCase", "case_record", "load_stepwise", "save_stepwise",
     # build
-    "benchmark_cases", "case_from_scene", "finding_of", "finding_space", "make_stepwise", "region_of",
+    "benchmark_cases", "case_from_scene", "cases_for", "finding_of", "finding_space", "make_stepwise", "region_of",
     "region_space", "split_cases",
     # items
     "CONTEXTS", "StageItem", "context_sentence", "gold_context", "question_text", "stage_item", "to_vqa",
@@ -136,5 +137,5 @@ __all__ = [
     # claims
     "CLAIM_MIN_ACC", "medr2_claims",
     # train
-    "TRAIN_MODES", "ensure_r2_sft", "training_items",
+    "TRAIN_MODES", "training_items",
 ]

@@ -197,3 +197,11 @@ def benchmark_cases(bench_dir: str | Path, n_images: int, image_size: int, seed:
     root = synth.ensure_benchmark(resolve(bench_dir), n_images=n_images, seed=seed, size=image_size)
     train, test = data.split_by_image(list(data.load_omnimedvqa(root)), test_frac=test_frac, seed=seed)
     return make_stepwise(root, train, seed=seed), make_stepwise(root, test, seed=seed)
+
+
+def cases_for(cfg) -> tuple[list[StepwiseCase], list[StepwiseCase]]:
+    """(train, test) cases of a profile: ``medr2.stepwise_json`` if given, else generated from the
+    embedded benchmark of ``medr2.n_images`` images (0: ``data.n_images``)."""
+    m = cfg.medr2
+    return benchmark_cases(cfg.bench_dir, m.n_images or cfg.data.n_images, cfg.data.image_size, cfg.seed,
+                           stepwise_json=m.stepwise_json, image_root=m.image_root, test_frac=cfg.data.test_frac)

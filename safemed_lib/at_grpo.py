@@ -1,0 +1,259 @@
+"""SafeMed-R1's AT-GRPO: GRPO whose generation batches carry PGD adversarial images against the current policy.
+
+:class:`ATGRPOTrainer` (used by ``grpo.train_grpo`` when given an ``adversarial`` setting): before
+the rollouts of every generation batch, a fraction of the questions get their image replaced by a
+PGD adversarial image computed against the CURRENT policy (the teacher-forced NLL of the reference
+answer, :func:`attacks.vlm_answer_loss`, through the model wrapper's exact differentiable
+preprocessing). Rollouts, rewards and the policy-gradient loss of those questions then all use the
+perturbed image. The images reach TRL as PIL images, so the adversarial image is rounded to the
+8-bit grid first (:func:`attacks.round_8bit_toward`): for an L-inf budget that is a multiple of
+1/255 the rounded image stays inside the eps-ball, because the clean image is itself on the grid.
+Which questions are attacked, and the random start of PGD, are a pure function of (seed, step,
+question ids), so every copy of a question in its group, on any process, sees the same image.
+
+The hook: ``GRPOTrainer._generate_and_score_completions`` (a private method; TRL is pinned to
+1.16.0 in pyproject.toml). ``ATGRPOTrainer`` also wraps ``_calculate_rewards`` to log clean and
+adversarial rewards separately, and raises at the first training step if either hook was not
+called (a TRL upgrade that renames them fails loudly instead of silently training without attacks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import trl
+from trl import GRPOTrainer
+
+from . import attacks, data, prompts
+
+TRL_VERSION = "1.16.0"  # the version whose private hooks ATGRPOTrainer overrides
+if trl.__version__ != TRL_VERSION:
+    warnings.warn(f"safemed_lib.at_grpo was written against trl=={TRL_VERSION} (found {trl.__version__}); "
+                  "ATGRPOTrainer overrides private GRPOTrainer methods and checks at run time that they "
+                  "are still called")
+MODES = prompts.MODES
+
+
+# --------------------------------------------------------------------------- adversarial settings
+@dataclasses.dataclass
+class AdversarialConfig:
+    """What ATGRPOTrainer attacks, and how hard.
+
+    eps, alpha: PGD radius and step in [0,1] pixel units (L-inf: 8/255 and 2/255 by default).
+    steps: PGD steps per generation batch. norm: "linf" or "l2".
+    fraction: share of the questions of each generation batch that get an adversarial image.
+    clean_steps: optimizer steps trained clean before the first attack.
+    ramp_steps: then eps (and alpha, proportionally) ramp linearly from eps/ramp_steps to eps.
+    prompt: the prompt mode of the attack loss (None: the training mode).
+    target: what the attack loss scores (``attacks.answer_targets``): "answer" (the reference
+        answer block), "clean_reasoning" (the policy's greedy reasoning on the clean image, then
+        the reference answer) or "auto" (answer for nothink, clean_reasoning otherwise).
+    measure_success: per batch, greedy-decode attacked questions on the clean and the adversarial
+        image and log the attack's success rate (correct -> wrong); costs two short generations.
+    """
+
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+    norm: str = "linf"
+    fraction: float = 0.5
+    clean_steps: int = 0
+    ramp_steps: int = 0
+    random_start: bool = True
+    prompt: str | None = None
+    target: str = "auto"
+    measure_success: bool = True
+
+    def __post_init__(self):
+        if self.norm not in attacks.NORMS:
+            raise ValueError(f"adversarial.norm must be one of {attacks.NORMS}, got {self.norm!r}")
+        if not (0.0 <= self.fraction <= 1.0):
+            raise ValueError(f"adversarial.fraction must be in [0, 1], got {self.fraction}")
+        if self.eps < 0 or self.alpha <= 0:
+            raise ValueError(f"adversarial needs eps >= 0 and alpha > 0, got eps={self.eps}, alpha={self.alpha}")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"adversarial.steps must be an integer >= 1, got {self.steps}")
+        if self.clean_steps < 0 or self.ramp_steps < 0:
+            raise ValueError("adversarial.clean_steps and ramp_steps must be >= 0")
+        if self.prompt is not None and self.prompt not in MODES:
+            raise ValueError(f"adversarial.prompt must be one of {MODES} or None, got {self.prompt!r}")
+        if self.target not in attacks.TARGETS:
+            raise ValueError(f"adversarial.target must be one of {attacks.TARGETS}, got {self.target!r}")
+
+    def schedule(self, step: int) -> tuple[float, float]:
+        """(eps, alpha) at optimizer step ``step`` (0-based): 0 during the clean steps, then a
+        linear ramp over ``ramp_steps``, then the full budget."""
+        if step < self.clean_steps:
+            return 0.0, self.alpha
+        k = step - self.clean_steps
+        scale = 1.0 if self.ramp_steps == 0 else min(1.0, (k + 1) / self.ramp_steps)
+        return self.eps * scale, self.alpha * scale
+
+
+def as_adversarial(adversarial) -> AdversarialConfig | None:
+    """None, an AdversarialConfig, or a dict of its fields (profiles, recipes)."""
+    if adversarial is None or isinstance(adversarial, AdversarialConfig):
+        return adversarial
+    if isinstance(adversarial, dict):
+        unknown = set(adversarial) - {f.name for f in dataclasses.fields(AdversarialConfig)}
+        if unknown:
+            raise ValueError(f"adversarial: unknown keys {sorted(unknown)}")
+        return AdversarialConfig(**adversarial)
+    raise TypeError(f"adversarial must be None, a dict or an AdversarialConfig, got {type(adversarial).__name__}")
+
+
+def _unit(*parts: Any) -> float:
+    """A deterministic number in [0, 1) from ``parts`` (same on every process and every run)."""
+    h = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0 ** 64
+
+
+def _seed_of(*parts: Any) -> int:
+    return int(_unit(*parts) * 2 ** 62)
+
+
+# --------------------------------------------------------------------------- the adversarial trainer
+class ATGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose generation batches carry PGD adversarial images (see the module doc).
+
+    Extra arguments: ``vlm`` (the model wrapper whose ``.model`` is the policy being trained; the
+    attack runs through it, so it always sees the current weights), ``items`` (the training
+    VQAItems, looked up by the dataset's ``question_id``), ``mode`` (the training prompt mode),
+    ``adversarial`` (an :class:`AdversarialConfig`), ``attack_seed``.
+
+    Logged per generation batch: ``rewards/clean`` and ``rewards/adversarial`` (total reward of
+    the rollouts on clean and on attacked images), the same per reward function, ``adv/eps``,
+    ``adv/fraction`` (share of rollouts attacked), ``adv/loss_clean`` / ``adv/loss_adv`` (the attack
+    objective before and after), ``adv/success_rate`` (greedy answers flipped from correct to wrong
+    among the attacked questions answered correctly on the clean image), ``adv/seconds``.
+    """
+
+    def __init__(self, *args, vlm, items: Sequence[data.VQAItem], mode: str,
+                 adversarial: AdversarialConfig, attack_seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vlm = vlm
+        self.items = {it.question_id: it for it in items}
+        self.mode = mode
+        self.adversarial = as_adversarial(adversarial)
+        self.attack_seed = attack_seed
+        self.hook_calls = {"generate_and_score": 0, "calculate_rewards": 0}
+        self.attacked_images = 0  # adversarial images made so far (for tests and reports)
+        self._adv_flags: list[bool] = []
+        g = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        if g % self.num_generations:
+            raise ValueError(
+                f"AT-GRPO needs whole groups on each process: per_device_train_batch_size x steps_per_generation "
+                f"({g}) must be a multiple of num_generations ({self.num_generations}), so that every "
+                "completion of a question is generated from the same adversarial image")
+
+    # -- the hook: perturb the generation batch, then let TRL do the rest on the perturbed images
+    def _generate_and_score_completions(self, inputs):
+        self.hook_calls["generate_and_score"] += 1
+        self._adv_flags = [False] * len(inputs)
+        if self.model.training:
+            inputs = self._perturb(inputs)
+        return super()._generate_and_score_completions(inputs)
+
+    def _perturb(self, inputs: list[dict]) -> list[dict]:
+        """The generation batch with the attacked questions' images replaced (sets ``_adv_flags``)."""
+        cfg, step = self.adversarial, self.state.global_step
+        self._adv_flags = [False] * len(inputs)
+        eps, alpha = cfg.schedule(step)
+        self._log_metric("adv/eps", eps)
+        qids = [row["question_id"] for row in inputs]
+        chosen = sorted({q for q in qids if _unit(self.attack_seed, step, q) < cfg.fraction}) if eps > 0 else []
+        if not chosen:
+            self._log_metric("adv/fraction", 0.0)
+            return inputs
+        missing = [q for q in chosen if q not in self.items]
+        if missing:
+            raise KeyError(f"ATGRPOTrainer: question_id {missing[0]!r} of the training data is not among `items`")
+        t0 = time.perf_counter()
+        first: dict[str, dict] = {}
+        for row in inputs:
+            first.setdefault(row["question_id"], row)
+        x = torch.stack([data.from_pil(first[q]["image"]) for q in chosen]).to(self.accelerator.device)
+        batch = [self.items[q] for q in chosen]
+        mode = cfg.prompt or self.mode
+        n_tokens = self.args.max_completion_length
+        model = self.vlm.model
+        was_training = model.training
+        model.eval()  # the attack must treat examples independently (no dropout noise in its gradient)
+        try:
+            clean_texts = None
+            if cfg.measure_success or attacks._resolve_target(cfg.target, mode) == "clean_reasoning":
+                clean_texts = self.vlm.generate(x, batch, prompt=mode, max_new_tokens=n_tokens)
+            loss_fn = attacks.vlm_answer_loss(
+                self.vlm, batch, prompt=mode, target=cfg.target, max_new_tokens=n_tokens,
+                clean_outputs=None if clean_texts is None else dict(zip(chosen, clean_texts)))
+            # per-question random starts: the same image for every copy of a question, on every process
+            gens = [torch.Generator(device=x.device).manual_seed(_seed_of(self.attack_seed, step, q)) for q in chosen]
+            x_adv = attacks.pgd(loss_fn, x, eps=eps, alpha=alpha, steps=cfg.steps, norm=cfg.norm,
+                                random_start=cfg.random_start, generator=gens)
+            # the trainer's processor gets PIL images: put the perturbation on the 8-bit grid by
+            # rounding it toward zero, which keeps it inside the eps-ball (L-inf and L2)
+            x_adv = attacks.round_8bit_toward(x_adv, x)
+            with torch.no_grad():
+                self._log_metric("adv/loss_clean", loss_fn(x).mean().item())
+                self._log_metric("adv/loss_adv", loss_fn(x_adv).mean().item())
+            if cfg.measure_success:
+                adv_texts = self.vlm.generate(x_adv, batch, prompt=mode, max_new_tokens=n_tokens)
+                self._log_success(clean_texts, adv_texts, batch)
+        finally:
+            model.train(was_training)
+        adv_image = {q: data.to_pil(xa) for q, xa in zip(chosen, x_adv.cpu())}
+        out = []
+        for i, row in enumerate(inputs):
+            if row["question_id"] in adv_image:
+                row = {**row, "image": adv_image[row["question_id"]]}
+                self._adv_flags[i] = True
+            out.append(row)
+        self.attacked_images += len(chosen)
+        self._log_metric("adv/fraction", sum(self._adv_flags) / len(self._adv_flags))
+        self._log_metric("adv/seconds", time.perf_counter() - t0)
+        return out
+
+    def _log_success(self, clean_texts: list[str], adv_texts: list[str], batch: list) -> None:
+        ok_clean = [prompts.parse_answer(t, len(it.options)) == it.answer for t, it in zip(clean_texts, batch)]
+        ok_adv = [prompts.parse_answer(t, len(it.options)) == it.answer for t, it in zip(adv_texts, batch)]
+        self._log_metric("adv/greedy_acc_clean", float(np.mean(ok_clean)))
+        self._log_metric("adv/greedy_acc_adv", float(np.mean(ok_adv)))
+        if any(ok_clean):
+            flips = sum(c and not a for c, a in zip(ok_clean, ok_adv))
+            self._log_metric("adv/success_rate", flips / sum(ok_clean))
+
+    # -- clean vs adversarial rewards (rewards_per_func is gathered over processes: gather the flags too)
+    def _calculate_rewards(self, inputs, prompts_, completions, completion_ids_list):
+        self.hook_calls["calculate_rewards"] += 1
+        rewards_per_func = super()._calculate_rewards(inputs, prompts_, completions, completion_ids_list)
+        if not self.model.training:
+            return rewards_per_func
+        flags = torch.tensor(self._adv_flags or [False] * len(inputs), device=rewards_per_func.device)
+        flags = self.accelerator.gather(flags).bool()
+        if flags.numel() != rewards_per_func.shape[0]:
+            raise RuntimeError(f"ATGRPOTrainer: {flags.numel()} adversarial flags for "
+                               f"{rewards_per_func.shape[0]} rewards; TRL's batch layout changed")
+        weights = self.reward_weights.to(rewards_per_func.device)
+        total = (rewards_per_func * weights).nansum(dim=1)
+        metrics = self._metrics["train"]
+        for name, mask in (("clean", ~flags), ("adversarial", flags)):
+            metrics[f"rewards/{name}"].append(total[mask].mean().item() if mask.any() else math.nan)
+            for i, fname in enumerate(self.reward_func_names):
+                col = rewards_per_func[mask, i]
+                metrics[f"rewards/{fname}/{name}"].append(col.nanmean().item() if mask.any() else math.nan)
+        return rewards_per_func
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        out = super().training_step(model, inputs, num_items_in_batch)
+        if self.hook_calls["generate_and_score"] == 0 or self.hook_calls["calculate_rewards"] == 0:
+            raise RuntimeError(
+                f"ATGRPOTrainer: trl {trl.__version__} did not call the hooks it overrides "
+                f"(calls: {self.hook_calls}); the training step ran on CLEAN images. The hooks are private "
+                f"GRPOTrainer methods of trl=={TRL_VERSION}: pin that version or port the overrides.")
+        return out

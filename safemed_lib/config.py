@@ -1,0 +1,404 @@
+"""The typed, nested configuration: one dataclass-like block per part of the workbook, loaded from profiles.
+
+The defaults below ARE the embedded default (profile ``tiny``: the generated benchmark and the tiny
+model on a 2-core CPU). A profile in ``configs/<name>.yaml`` holds only what differs from them,
+nested like the classes here (``sft: {think: {steps: 20}}``); overrides name a key by its dotted
+path (``attack.eps=4``). Every value is validated by pydantic: an unknown or mistyped key, a value
+of the wrong type or out of range is a :class:`ConfigError` naming the key (and the profile file).
+
+Units, the same everywhere: an L-inf attack radius or step (``eps``, ``alpha``) is in 1/255 of the
+pixel range (8 means 8/255); an L2 radius is the L2 norm of the perturbation of pixels in [0, 1].
+Learning rates are peak rates; steps are optimizer steps; item counts of 0 mean "all".
+
+    cfg = config.load("smoke", {"attack.eps": 4})
+    cfg.sft.nothink.steps, cfg.attack.eps
+    python -m safemed_lib config --profile tiny --set attack.eps=4   # prints the resolved profile
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .paths import PROJECT_ROOT, resolve
+
+CONFIGS = PROJECT_ROOT / "configs"
+
+PosInt = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0)]          # an item count; 0 means "all"
+PosFloat = Annotated[float, Field(gt=0)]
+NonNeg = Annotated[float, Field(ge=0)]
+Share = Annotated[float, Field(gt=0, le=1)]
+Mode = Literal["think", "nothink", "think_after"]
+Norm = Literal["linf", "l2"]
+
+
+class ConfigError(ValueError):
+    """A profile or an override that does not fit the configuration; the message names the key."""
+
+
+class Block(BaseModel):
+    """A configuration block: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ----------------------------------------------------------------------------- data and model
+class Data(Block):
+    omnimedvqa_root: str | None = None  # a local OmniMedVQA copy (paper profile); None: the embedded benchmark
+    bench_dir: str | None = None        # where the embedded benchmark is generated; None: data/bench/<profile>
+    n_images: PosInt = 1600             # images of the embedded benchmark (5 questions each on average)
+    image_size: Annotated[int, Field(ge=28, multiple_of=28)] = 112  # square side in pixels, on Qwen2-VL's 28-pixel grid
+    test_frac: Annotated[float, Field(gt=0, lt=1)] = 0.2  # share of images in the test split (per image)
+
+
+class TinyBase(Block):
+    """The tiny Qwen2-VL built here when ``model.path`` is None, and what it is pretrained on (``safemed_lib.base``)."""
+
+    hidden_size: PosInt = 128       # width of the language model (the vision tower matches it)
+    layers: PosInt = 2              # language-model layers
+    copy_steps: Count = 400         # in-context copy pretraining on random token sequences (0: none)
+    vision_steps: Count = 2000      # vision-tower pretraining on the images' scene attributes (0: none)
+    position_weight: NonNeg = 1.0   # weight of its per-token row/column loss
+    pretrain_images: Count = 3      # extra generated images it also sees, x the benchmark's image count (0: none)
+    pretrain_seed_offset: int = 7   # their generator seed is the benchmark's seed + this
+
+
+class Model(Block):
+    path: str | None = None      # a local Qwen2-VL / Qwen2.5-VL checkpoint; None: the tiny model built here
+    dir: str | None = None       # where trained models are cached; None: data/models/<profile>
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None  # None: transformers' default
+    tiny: TinyBase = TinyBase()
+
+
+# ----------------------------------------------------------------------------- SFT
+class Binding(Block):
+    """Auxiliary terms of answer-only SFT (``safemed_lib.binding``): weights >= 0 of each term."""
+
+    match: NonNeg = 1.0      # which option's tokens match the answer (from the option binding layer)
+    letter: NonNeg = 1.0     # the letter read from the matching option
+    attention: NonNeg = 1.0  # last-layer attention from the answer position onto the right option
+    content: NonNeg = 0.0    # a content head scores the options from the answer position
+    scene: NonNeg = 0.0      # one head per scene attribute names what the image shows
+    layer: PosInt = 1        # the layer whose output the match term reads (below the last)
+    head: Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] = 0  # supervised last-layer head(s)
+
+
+class SFTRecipe(Block):
+    """One supervised fine-tuning run (AdamW, linear warm-up over 5% then cosine to 0, clip 1.0)."""
+
+    steps: PosInt = 2500
+    lr: PosFloat = 1e-3              # peak learning rate
+    batch_size: PosInt = 16          # questions per step
+    weight_decay: NonNeg = 0.0       # AdamW weight decay
+    train_vision: bool = True        # train the vision tower too (False: it stays as pretraining left it)
+    binding: Binding | None = None   # auxiliary terms (answer-only only); None: none; true: the defaults
+    threads: PosInt | None = None    # torch threads while training (None: the profile's); not part of the cache key
+
+    @field_validator("binding", mode="before")
+    @classmethod
+    def _binding_bool(cls, v):
+        return {} if v is True else None if v is False else v
+
+
+class SFT(Block):
+    """The standard fine-tuned baselines (notebook 02); every notebook that loads SFT names these runs."""
+
+    think: SFTRecipe = SFTRecipe(train_vision=False)
+    nothink: SFTRecipe = SFTRecipe(steps=10000, train_vision=False, binding=Binding(content=1.0, scene=1.0),
+                                   threads=2, weight_decay=0.3)
+    workers: PosInt = 1  # variants trained at the same time, one process each (1: one after the other)
+
+
+class Eval(Block):
+    """Clean evaluation (notebook 02 and ``python -m safemed_lib eval``)."""
+
+    n: Count = 0                  # test questions (0: all)
+    batch_size: PosInt = 32
+    max_new_tokens: PosInt = 96   # generation budget of think answers
+
+
+# ----------------------------------------------------------------------------- attacks
+class Attack(Block):
+    """SafeMed-R1's collapse of the fine-tuned baselines under PGD (notebook 03)."""
+
+    models: list[str] = ["sft-nothink", "sft-think"]
+    n_items: PosInt = 128           # test questions attacked at the headline radius (a seeded sample)
+    n_sweep: PosInt = 48            # the first of them, attacked at every radius of the sweep
+    steps: PosInt = 10              # PGD steps (step size 2.5 eps / steps)
+    eps: PosFloat = 8               # the headline L-inf radius, 1/255
+    linf_eps: list[PosFloat] = [1, 2, 4, 8, 16]   # the sweep's L-inf radii, 1/255
+    l2_eps: list[PosFloat] = [0.25, 0.5, 1.0]     # the sweep's L2 radii (matched to smoothing's)
+    restarts: PosInt = 1            # PGD random restarts (the worst case per question is kept)
+    batch_size: PosInt = 16
+    max_new_tokens: PosInt = 96
+
+
+class Viz(Block):
+    """The attack visualizer (notebook 08)."""
+
+    models: list[str] = ["sft-think", "sft-nothink"]
+    n_items: PosInt = 6         # benchmark questions shown (real images from installed packages are added)
+    norm: Norm = "linf"
+    eps: PosFloat = 8           # L-inf: 1/255; L2: radius
+    steps: PosInt = 10
+    max_new_tokens: PosInt = 96
+
+
+# ----------------------------------------------------------------------------- GRPO
+class GRPORecipe(Block):
+    """One GRPO run (Med-R1): G completions per question, format + accuracy rewards, k3 KL to the start."""
+
+    steps: PosInt = 20
+    lr: PosFloat = 1e-4
+    batch_size: PosInt = 8         # completions per step (batch_size / num_generations questions)
+    num_generations: Annotated[int, Field(ge=2)] = 4   # G, the group size (Med-R1: 4)
+    beta: NonNeg = 0.04            # KL weight (Med-R1: 0.04)
+    temperature: PosFloat = 1.0    # sampling temperature (Med-R1: 1)
+    max_completion_length: PosInt = 96   # tokens per completion (also the evaluation's generation budget)
+
+
+class GRPOByMode(Block):
+    """The GRPO recipe of each prompt form (think completions are longer)."""
+
+    think: GRPORecipe = GRPORecipe(steps=100, lr=3e-5, batch_size=16, max_completion_length=80)
+    nothink: GRPORecipe = GRPORecipe(steps=100, lr=3e-5, batch_size=16, max_completion_length=12)
+
+
+class TrainAttack(Block):
+    """The PGD attack of adversarial training (AT-GRPO and AT-SFT share it)."""
+
+    eps: PosFloat = 8          # L-inf radius, 1/255
+    alpha: PosFloat = 2        # PGD step, 1/255
+    steps: PosInt = 5          # PGD steps per batch
+    fraction: Share = 0.5      # share of each batch's questions attacked
+    ramp_steps: Count = 10     # AT-GRPO: eps ramps up linearly over the first optimizer steps (0: none)
+
+
+class ATSFT(SFTRecipe):
+    """Madry-style adversarial fine-tuning from SFT with the same training attack (AT-SFT rows)."""
+
+    modes: list[Literal["think", "nothink"]] = ["think"]   # [] skips AT-SFT
+    steps: PosInt = 500
+    lr: PosFloat = 3e-4
+    background: bool = True    # train in its own process while GRPO trains (2 CPU cores; false on one GPU)
+
+    def recipe(self) -> SFTRecipe:
+        return SFTRecipe(**self.model_dump(exclude={"modes", "background"}))
+
+
+class RobustEval(Block):
+    """The robustness table's evaluation attack: PGD, 8-bit rounded."""
+
+    n: Count = 160             # test questions per model (0: all)
+    eps: PosFloat = 8          # L-inf radius, 1/255
+    alpha: PosFloat = 2        # PGD step, 1/255
+    steps: PosInt = 10
+    batch_size: PosInt = 32
+
+
+class SafeMed(Block):
+    """SafeMed-R1's robustness table: SFT, GRPO, AT-GRPO and AT-SFT, think and nothink (notebook 05)."""
+
+    modes: list[Literal["think", "nothink"]] = ["think", "nothink"]
+    grpo: GRPOByMode = GRPOByMode()     # GRPO and AT-GRPO alike
+    train_attack: TrainAttack = TrainAttack()
+    at_sft: ATSFT = ATSFT()
+    eval: RobustEval = RobustEval()
+
+
+class Warmup(Block):
+    """The generalization protocol's base for a model without pretraining: SFT on a small general split."""
+
+    items: Count = 1024       # training questions drawn across all groups
+    steps: Count = 800        # 0: the base itself (as with a pretrained checkpoint)
+    lr: NonNeg = 3e-3
+    batch_size: PosInt = 16
+
+
+class MedR1(Block):
+    """Med-R1's cross-modality (8x8) and cross-question-type (5x5) protocols (notebook 04)."""
+
+    mode: Mode = "think"
+    by: list[Literal["modality", "question_type"]] = ["modality", "question_type"]
+    warmup: Warmup = Warmup()
+    sft: SFTRecipe = SFTRecipe(steps=20, lr=3e-4, batch_size=8)    # each cell's SFT model
+    grpo: GRPORecipe = GRPORecipe()                                 # each cell's GRPO model (same steps)
+    eval_n: Count = 0                       # test questions evaluated per model (0: all)
+    eval_batch_size: PosInt = 64
+    background: bool = True                 # later protocols train in their own process (false on one GPU)
+
+
+# ----------------------------------------------------------------------------- certification
+class Certify(Block):
+    """Randomized smoothing (Cohen et al.'s CERTIFY) of the VLM's answer (notebook 06)."""
+
+    models: list[str] = ["sft-nothink", "sft-think", "atgrpo-nothink", "atgrpo-think"]
+    sigmas: list[PosFloat] = [0.12, 0.25, 0.5]   # noise std, pixels in [0, 1]
+    radii: list[NonNeg] = [0.25, 0.5, 1.0]       # L2 radii of the table
+    n0: PosInt = 16          # samples that select the class
+    n: PosInt = 100          # samples that bound its probability, answer-only models
+    n_think: PosInt = 100    # the same for think models (each sample is a generation)
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.001  # failure probability of each certificate
+    n_items: PosInt = 16     # test questions per answer-only model (balanced over modalities)
+    n_items_think: PosInt = 6
+    batch_size: PosInt = 32
+    fast_path: bool = True   # answer-only models: option-letter log-probs instead of generation
+    max_new_tokens: PosInt = 96
+
+
+# ----------------------------------------------------------------------------- Med-R2
+class MedR2(Block):
+    """The Med-R2-style stepwise benchmark (notebook 07)."""
+
+    models: list[str] = ["sft-nothink", "sft-think", "atgrpo-nothink", "atgrpo-think"]
+    stepwise_json: str | None = None   # a stepwise JSON file (e.g. a converted Med-R2 release); None: generate
+    image_root: str | None = None      # the folder stepwise_json's image paths are relative to
+    n_images: Count = 0                # embedded benchmark the cases come from (0: data.n_images)
+    n_cases: PosInt = 48               # test cases evaluated (4 stage questions each)
+    n_cases_think: PosInt = 16         # test cases for think models (greedy generation)
+    n_cases_attack: Count = 16         # of those, the first n also run under PGD
+    cues: list[str] = ["neutral", "hint_right", "hint_wrong", "context_wrong", "authority_wrong", "box_true",
+                       "box_wrong", "coords_true", "coords_wrong"]
+    pgd_eps: PosFloat = 4              # L-inf radius, 1/255
+    pgd_steps: Count = 5               # 0: no PGD conditions
+    pgd_cues: list[str | None] = [None, "box_true"]   # cues combined with PGD (None: PGD alone)
+    ft: SFTRecipe = SFTRecipe(steps=150, lr=1e-3, batch_size=16)   # stepwise and plain fine-tuning from SFT-nothink
+    fast_path: bool = True             # answer-only models: letter log-probs instead of generation
+    batch_size: PosInt = 32
+    max_new_tokens: PosInt = 96
+
+
+# ----------------------------------------------------------------------------- the whole configuration
+class Config(Block):
+    """The whole workbook's configuration (one profile, after overrides)."""
+
+    profile: str = "tiny"
+    seed: Count = 0                     # data split, benchmark generation, training and attack seeds
+    threads: PosInt = 1                 # torch threads (two threads on 2 busy cores can run 10-25x slower)
+    device: str = "cpu"                 # where loaded models go ("cpu", "cuda")
+    data: Data = Data()
+    model: Model = Model()
+    sft: SFT = SFT()
+    eval: Eval = Eval()
+    attack: Attack = Attack()
+    viz: Viz = Viz()
+    medr1: MedR1 = MedR1()
+    safemed: SafeMed = SafeMed()
+    certify: Certify = Certify()
+    medr2: MedR2 = MedR2()
+
+    @property
+    def bench_dir(self) -> Path:
+        return resolve(self.data.bench_dir or f"data/bench/{self.profile}")
+
+    @property
+    def models_dir(self) -> Path:
+        return resolve(self.model.dir or f"data/models/{self.profile}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+def profile_path(profile: str | Path) -> Path:
+    """``configs/<name>.yaml`` for a bare name, else the path itself."""
+    path = Path(profile)
+    if not path.suffix:
+        path = CONFIGS / f"{profile}.yaml"
+    path = resolve(path)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+        raise ConfigError(f"profile {str(profile)!r}: no file {path} (known profiles: {known})")
+    return path
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["attack.eps=4", "sft.think.steps=10"]`` -> ``{"attack.eps": 4, ...}`` (values read as YAML)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = str(pair).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r}: expected key=value, e.g. attack.eps=4")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        out.append(prefix + name)
+        ann = field.annotation
+        for sub in getattr(ann, "__args__", (ann,)):
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                out += _keys(sub, f"{prefix}{name}.")
+    return out
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _keys(Config), n=3)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return ConfigError(f"unknown configuration key {key!r}{hint}; `python -m safemed_lib config` lists them all")
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i + 1])} is not a block")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` laid over ``base``, block by block (a block given in part keeps its other defaults)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _explain(e: ValidationError, where: str) -> ConfigError:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            return ConfigError(f"{where}: {_unknown(loc)}")
+        lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return ConfigError(f"{where}: " + "; ".join(lines))
+
+
+def load(profile: str | Path = "tiny", overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """The configuration of ``profile`` (a name in ``configs/`` or a YAML path) with ``overrides``
+    (``{"attack.eps": 4}`` or ``["attack.eps=4"]``) applied; raises :class:`ConfigError` naming
+    the file and the key for anything that does not fit."""
+    path = profile_path(profile)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"profile {path}: not valid YAML ({e})") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"profile {path}: expected a mapping of keys to values, got {type(tree).__name__}")
+    tree.setdefault("profile", path.stem)
+    try:
+        Config.model_validate(tree)  # the profile alone: its errors name the file
+    except ValidationError as e:
+        raise _explain(e, f"profile {path}") from None
+    tree = _merge(Config().model_dump(), tree)
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        if key not in _keys(Config):
+            raise _unknown(key)
+        _set(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise _explain(e, f"overrides {overrides}") from None

@@ -1,0 +1,212 @@
+"""SafeMed-R1's robustness table (notebook 05): SFT, GRPO, AT-GRPO and AT-SFT, clean and under PGD.
+
+    runs = safemed.train(cfg)                  # {"SFT-think": ("think", "sft-think"), ...}
+    per_model = safemed.evaluate_all(cfg, runs)  # {label: (clean results, PGD results)}
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import pandas as pd
+
+from .. import attacks, dataset, evaluate, grpo, report, zoo
+from ..workbook import background
+
+LABELS = {"sft": "SFT", "grpo": "GRPO", "atgrpo": "AT-GRPO", "sftat": "AT-SFT"}
+
+
+def modes(cfg) -> list[str]:
+    """The prompt forms of the table (think needs the embedded benchmark's rationales)."""
+    return [m for m in cfg.safemed.modes if m == "nothink" or cfg.data.omnimedvqa_root is None]
+
+
+def train(cfg, progress=print) -> dict[str, tuple[str, str]]:
+    """Train (or find) every model of the table through the zoo; returns ``{label: (mode, zoo name)}``
+    in table order (per mode SFT, GRPO, AT-GRPO; then AT-SFT). AT-SFT trains in its own process
+    while GRPO trains here when ``safemed.at_sft.background``."""
+    out, jobs = {}, {}
+    for mode in modes(cfg):
+        zoo.ensure(f"sft-{mode}", cfg)
+        out[f"SFT-{mode}"] = (mode, f"sft-{mode}")
+        if mode in cfg.safemed.at_sft.modes:  # first, so that it trains in the background during GRPO
+            name = f"sftat-{mode}"
+            jobs[f"AT-SFT-{mode}"] = (mode, name, background(zoo.ensure, name, cfg, threads=cfg.threads)
+                                      if cfg.safemed.at_sft.background else zoo.ensure(name, cfg))
+        for kind in ("grpo", "atgrpo"):
+            t0 = time.perf_counter()
+            zoo.ensure(f"{kind}-{mode}", cfg)
+            out[f"{LABELS[kind]}-{mode}"] = (mode, f"{kind}-{mode}")
+            if progress:
+                progress(f"{LABELS[kind]}-{mode}: ready in {time.perf_counter() - t0:.0f} s")
+    for label, (mode, name, job) in jobs.items():
+        if cfg.safemed.at_sft.background:
+            job.result()  # waits for the background run (re-raises its error)
+        out[label] = (mode, name)
+    return out
+
+
+def logs(cfg, runs: dict) -> dict[str, pd.DataFrame]:
+    """GRPO's training logs (one row per step) of the GRPO and AT-GRPO models."""
+    return {label: grpo.read_log(zoo.run_dir(name, cfg) / "train") for label, (_, name) in runs.items()
+            if "GRPO" in label}
+
+
+def steps_table(logs: dict) -> pd.DataFrame:
+    """Per GRPO run: steps, mean step time, final rewards (clean and under attack) and the attack's success."""
+    return pd.DataFrame({label: {"steps": len(df), "mean step s": df["step_time"].mean(),
+                                 "final reward (last 10)": df["reward"].tail(10).mean(),
+                                 "adv reward (last 10)": df["reward_adv"].tail(10).mean() if "reward_adv" in df else None,
+                                 "attack success (mean)": df["adv_success_rate"].mean() if "adv_success_rate" in df else None}
+                         for label, df in logs.items()}).T
+
+
+def eval_items(cfg) -> list:
+    _, test = dataset.splits(cfg)
+    return evaluate.subset(test, cfg.safemed.eval.n, seed=cfg.seed)
+
+
+def evaluate_model(cfg, name: str, mode: str, items: list) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Clean and PGD (``safemed.eval``: L-inf radius and step in 1/255, steps, 8-bit rounded; the attack
+    ascends the NLL of the reference answer, after the model's own clean reasoning for think
+    prompts: ``attacks.pgd_perturb``) results of one model, with records in its run directory."""
+    e = cfg.safemed.eval
+    eps, alpha, max_len = e.eps / 255, e.alpha / 255, getattr(cfg.safemed.grpo, mode).max_completion_length
+    cache = {}
+
+    def model():
+        if "vlm" not in cache:
+            cache["vlm"] = zoo.load(name, cfg)
+        return cache["vlm"]
+
+    ev = dict(prompt=mode, image_size=cfg.data.image_size, batch_size=e.batch_size, max_new_tokens=max_len)
+    key, run_dir = zoo.key(name, cfg), zoo.run_dir(name, cfg)
+    clean = evaluate.cached(model, items, run_dir / "eval-robust-clean", model_key=key, **ev)
+    outputs = dict(zip(clean["question_id"], clean["output"]))  # think targets: the clean reasoning
+
+    def perturb(images, batch):  # built per batch, so a fully recorded run never loads the model
+        return attacks.pgd_perturb(model(), prompt=mode, eps=eps, alpha=alpha, steps=e.steps, seed=cfg.seed,
+                                   clean_outputs=outputs, max_new_tokens=max_len)(images, batch)
+
+    pgd = evaluate.cached(model, items, run_dir / "eval-robust-pgd", model_key=key, perturb=perturb,
+                          extra_key={"attack": "pgd", "eps": eps, "alpha": alpha, "steps": e.steps, "seed": cfg.seed},
+                          **ev)
+    return clean, pgd
+
+
+def evaluate_all(cfg, runs: dict, progress=print) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """``{label: (clean results, PGD results)}`` of every model of the table on the same questions."""
+    items, out = eval_items(cfg), {}
+    for label, (mode, name) in runs.items():
+        t0 = time.perf_counter()
+        out[label] = clean, pgd = evaluate_model(cfg, name, mode, items)
+        if progress:
+            progress(f"{label}: clean {100 * clean.correct.mean():.1f}%, PGD {100 * pgd.correct.mean():.1f}% "
+                     f"({time.perf_counter() - t0:.0f} s)")
+    return out
+
+
+def modality_table(per_model: dict) -> pd.DataFrame:
+    """Clean and PGD accuracy (%) per modality and model, with the question count."""
+    table = pd.concat({(label, kind): evaluate.accuracy_table(df, "modality")["accuracy"]
+                       for label, (clean, pgd) in per_model.items() for kind, df in (("clean", clean), ("PGD", pgd))},
+                      axis=1).round(1)
+    table[("", "n")] = evaluate.accuracy_table(next(iter(per_model.values()))[0], "modality")["n"]
+    return table
+
+
+def overall_table(per_model: dict) -> pd.DataFrame:
+    """Per model: clean and PGD accuracy and invalid-answer rates (%)."""
+    return pd.DataFrame({label: {"clean": 100 * c.correct.mean(), "PGD": 100 * p.correct.mean(),
+                                 "clean invalid %": 100 * c.pred.isna().mean(), "PGD invalid %": 100 * p.pred.isna().mean()}
+                         for label, (c, p) in per_model.items()}).T.round(1)
+
+
+def targets_table(cfg, overall: pd.DataFrame) -> pd.DataFrame:
+    """SafeMed-R1's targets for AT-GRPO against SFT and against GRPO, and for AT-SFT against SFT."""
+    ms = modes(cfg)
+    return pd.concat([robustness_summary(overall, baseline=f"SFT-{m}", robust=f"AT-GRPO-{m}") for m in ms]
+                     + [robustness_summary(overall, baseline=f"GRPO-{m}", robust=f"AT-GRPO-{m}") for m in ms]
+                     + [robustness_summary(overall, baseline=f"SFT-{m}", robust=f"AT-SFT-{m}")
+                        for m in ms if f"AT-SFT-{m}" in overall.index], ignore_index=True).round(2)
+
+
+def paired_table(per_model: dict, targets: pd.DataFrame) -> pd.DataFrame:
+    """Paired tests (``evaluate.paired_test``) of each robust model against its baseline, clean and under PGD."""
+    paired = pd.DataFrame([{"baseline": b, "robust": r, "images": kind,
+                            **evaluate.paired_test(per_model[b][i], per_model[r][i])}
+                           for b, r in zip(targets["baseline"], targets["robust"])
+                           for i, kind in enumerate(("clean", "PGD"))])
+    return paired.round({c: 1 for c in ("acc_a", "acc_b", "diff", "ci_low", "ci_high")}).round({"p_value": 4})
+
+
+def diagnostics(per_model: dict) -> pd.DataFrame:
+    """Per model: the most common letter's share (clean), answers changed by PGD, the attack's mean loss gain."""
+    return pd.DataFrame({label: {
+        "top letter share % (clean)": 100 * c["pred"].value_counts(normalize=True, dropna=False).iloc[0],
+        "answers changed by PGD %": 100 * (c["pred"].fillna("-").values != p["pred"].fillna("-").values).mean(),
+        "mean attack loss gain": (p["attack_loss_adv"] - p["attack_loss_clean"]).mean()}
+        for label, (c, p) in per_model.items()}).T.round(2)
+
+
+def clean_vs_pgd_figure(cfg, overall: pd.DataFrame, n: int):
+    """Clean and PGD accuracy per model beside SafeMed-R1's reported 84.45% under PGD."""
+    import matplotlib.pyplot as plt
+
+    ax = overall[["clean", "PGD"]].plot.bar(figsize=(8, 3.2), rot=20, color=["#4c72b0", "#c44e52"])
+    ax.axhline(84.45, ls=":", color="k", lw=1)
+    ax.text(-0.4, 86, "SafeMed-R1 PGD 84.45%", fontsize=7)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"clean vs PGD {cfg.safemed.eval.eps:g}/255 ({n} questions)")
+    plt.tight_layout()
+    return ax.figure
+
+
+def robustness_summary(table, *, baseline: str, robust: str, max_clean_drop: float = 10.0, min_ratio: float = 2.0):
+    """SafeMed-R1's targets from an "All" row of clean / PGD accuracies (%): ``robust``'s PGD
+    accuracy at least ``min_ratio`` x ``baseline``'s, with at most ``max_clean_drop`` points of
+    clean accuracy lost. ``table``: DataFrame indexed by model name with columns "clean", "PGD".
+    Returns a one-row DataFrame with the measured numbers and whether each target is met."""
+    b, r = table.loc[baseline], table.loc[robust]
+    ratio = r["PGD"] / b["PGD"] if b["PGD"] > 0 else float("inf") if r["PGD"] > 0 else float("nan")
+    drop = b["clean"] - r["clean"]
+    return pd.DataFrame([{
+        "baseline": baseline, "robust": robust, "baseline clean": b["clean"], "baseline PGD": b["PGD"],
+        "robust clean": r["clean"], "robust PGD": r["PGD"], "PGD ratio": ratio,
+        f"PGD ratio >= {min_ratio:g}": bool(ratio >= min_ratio), "clean drop (points)": drop,
+        f"clean drop <= {max_clean_drop:g}": bool(drop <= max_clean_drop)}])
+
+
+def robustness_claims(overall, modes: Sequence[str], chance: float, *, detail: str = "") -> list[dict]:
+    """SafeMed-R1's two robustness claims tested on notebook 05's "All" table, as keyword
+    arguments for ``report.record_claim`` (claim_id, ours, holds, detail).
+
+    ``overall``: DataFrame indexed by model name ("SFT-think", "AT-GRPO-nothink", ...) with "clean"
+    and "PGD" accuracies (%); ``chance``: the chance accuracy (%); ``detail``: the attack, appended
+    to each claim's detail. A model within 10 points of chance does not read the image, so a
+    comparison involving one says nothing: its verdict is None ("cannot tell").
+    - *AT-GRPO robust*: every AT-GRPO-<mode> is at least 10 points above SFT-<mode> under PGD;
+    - *chain of thought more robust*: for SFT and for AT-GRPO, think beats nothink under PGD.
+    """
+    def informative(*names):
+        return all(report.reads_image(overall.loc[n, "clean"], chance) for n in names)
+
+    at = [m for m in modes if f"AT-GRPO-{m}" in overall.index and f"SFT-{m}" in overall.index]
+    ours = "; ".join(f"AT-GRPO-{m} {overall.loc[f'AT-GRPO-{m}', 'clean']:.1f}% clean / "
+                     f"{overall.loc[f'AT-GRPO-{m}', 'PGD']:.1f}% PGD vs SFT-{m} {overall.loc[f'SFT-{m}', 'clean']:.1f}% / "
+                     f"{overall.loc[f'SFT-{m}', 'PGD']:.1f}%" for m in at)
+    holds = (all(overall.loc[f"AT-GRPO-{m}", "PGD"] >= overall.loc[f"SFT-{m}", "PGD"] + report.MATERIAL_GAIN for m in at)
+             if at and all(informative(f"AT-GRPO-{m}", f"SFT-{m}") for m in at) else None)
+    claims = [dict(claim_id="safemed.atgrpo_robust", ours=ours, holds=holds,
+                   detail=f"{detail}; holds = AT-GRPO at least {report.MATERIAL_GAIN:g} points above SFT under PGD; "
+                          f"chance {chance:.1f}%")]
+    pairs = [(f"{k}-think", f"{k}-nothink") for k in ("SFT", "AT-GRPO")
+             if f"{k}-think" in overall.index and f"{k}-nothink" in overall.index]
+    ours = "; ".join(f"{t.rsplit('-', 1)[0]}: think {overall.loc[t, 'PGD']:.1f}% vs nothink "
+                     f"{overall.loc[n, 'PGD']:.1f}% under PGD" for t, n in pairs)
+    holds = (all(overall.loc[t, "PGD"] > overall.loc[n, "PGD"] for t, n in pairs)
+             if pairs and all(informative(t, n) for t, n in pairs) else None)
+    claims.append(dict(claim_id="safemed.cot_more_robust", ours=ours or "no think/nothink pair on this profile",
+                       holds=holds, detail=f"PGD accuracy, same attack; chance {chance:.1f}%"))
+    return claims
