@@ -1,6 +1,7 @@
 # SafeMed workbook. Two commands do everything on a fresh machine:
 #   make reproduce   every notebook, embedded default (tiny profile), offline, CPU
-#   make test        unit tests + every notebook under nbval with the smoke profile
+#   make test        unit tests + every notebook under nbval with the smoke profile, on both cores
+#   make unit        the fast tier: unit tests without notebooks, browser or slow tests
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,6 +9,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= tiny
 ARGS ?=
+# pytest-xdist processes (one per core)
+WORKERS ?= 2
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
@@ -37,10 +40,12 @@ test: export SAFEMED_OUTPUT_DIR := runs/nbval/outputs
 test: $(STAMP) browser-deps
 	rm -rf runs/nbval
 	$(PY) -m safemed_lib.reproduce --profile smoke --prepare-only --out runs/nbval
-	$(PY) -m pytest tests runs/nbval --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider -q -rs $(ARGS)
+	$(PY) -m pytest tests runs/nbval --nbval-lax --nbval-cell-timeout=900 -p no:cacheprovider -q -rs \
+		-n $(WORKERS) --dist loadfile $(ARGS)
 
 unit: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider -rs $(ARGS)
+	$(PY) -m pytest tests -q -p no:cacheprovider -rs -m "not notebooks and not browser and not slow" \
+		-n $(WORKERS) $(ARGS)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=.

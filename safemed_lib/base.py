@@ -10,12 +10,14 @@ as the model named ``base``. The recipe is ``config.TinyBase``.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from . import data, models, pretrain, prompts, runs, synth
+from .records import atomic_write_text
 from .targets import benchmark_root, scenes_for, think_rationale
 
 
@@ -71,8 +73,9 @@ def _vision_pretrain(vlm, items, steps: int, image_size: int, seed: int, positio
 def build(items: Sequence[data.VQAItem], tiny, *, image_size: int, seed: int, out_dir: str | Path,
           extra_dir: str | Path | None = None) -> dict:
     """Build the tiny base into ``out_dir/model`` (tokenizer and weights) with the recipe ``tiny``
-    (``config.TinyBase``), pretraining logs beside it; ``extra_dir``: where the vision pretraining's
-    own images are generated (default ``out_dir/pretrain_images``). Returns the logs."""
+    (``config.TinyBase``), pretraining logs beside it (``copy_log.json``, ``vision_log.json``);
+    ``extra_dir``: where the vision pretraining's own images are generated (default
+    ``out_dir/pretrain_images``). Returns the logs."""
     items = list(items)
     out_dir = Path(out_dir)
     p = plan(items, tiny, image_size=image_size, seed=seed)
@@ -87,6 +90,8 @@ def build(items: Sequence[data.VQAItem], tiny, *, image_size: int, seed: int, ou
                  if "pretrain_images" in p else [])
         logs["vision"] = _vision_pretrain(vlm, items + extra, recipe["vision_steps"], image_size, seed,
                                           recipe["position_weight"])
+    for name, log in logs.items():  # copy_log.json, vision_log.json
+        atomic_write_text(out_dir / f"{name}_log.json", json.dumps(log, indent=1) + "\n")
     vlm.model.eval()
     vlm.save(out_dir / "model")
     return logs

@@ -3,7 +3,7 @@
 An answer-only model has to do two things inside one forward pass: judge each option's text
 against the image, and copy the letter in front of the option that matches ("multiple-choice symbol
 binding", Robinson et al., ICLR 2023). The 2-layer tiny model trained on the letter alone stays at
-chance (docs/tiny_model_learnability.md, rounds 1-13): it learns neither step from one letter
+chance (docs/lab_notes.md, Answer-only SFT): it learns neither step from one letter
 target per question. These losses supervise each step where a 2-layer model can do it, all but
 ``scene`` from the answer key alone (no scene metadata, so they work on any multiple-choice data):
 
@@ -23,9 +23,10 @@ target per question. These losses supervise each step where a 2-layer model can 
   describes the whole image (cross-entropy per attribute, averaged). It carries to answer-only SFT
   the per-image supervision SFT-think gets from its rationale.
 
-``content`` and ``scene`` are off at weight 0 (``DEFAULTS``; the tiny profile turns them on). The
-heads are thrown away after training: the checkpoint is the plain model, scored answer-only like
-any other. ``sft.train_sft(binding_aux=...)`` adds the weighted sum to the SFT loss.
+``content`` and ``scene`` are off at weight 0 (``DEFAULTS``; the default ``sft.nothink.binding``
+turns them on). The heads are thrown away after training: the checkpoint is the plain model, scored
+answer-only like any other. ``sft.train_sft`` adds the weighted sum to the SFT loss when its recipe
+has binding terms (``config.SFTRecipe.binding``, a ``config.Binding``).
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def device_summary() -> dict[str, object]:
     """Device facts. ``cpu_model`` and ``torch_cpu_capability`` (the vector instruction set torch's CPU
     kernels use) are here because they change a CPU training run's floating-point results: the same
     code and seed are bit-identical on one machine and not across machines
-    (docs/tiny_model_learnability.md, twelfth round)."""
+    (docs/lab_notes.md, CPU determinism and threads)."""
     import torch
 
     info: dict[str, object] = {

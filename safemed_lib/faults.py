@@ -121,7 +121,7 @@ def run(workdir: str | Path, *, n_images: int = 16, size: int = 56, vlm=None) ->
     return (one row per injected fault with its outcome, totals). ``vlm``: a model to evaluate the
     loaded items with (default: an untrained tiny model); what it answers does not matter here,
     only that every loaded item comes out of evaluation with a row."""
-    from . import evaluate, models, sft
+    from . import base, evaluate, models
 
     workdir = Path(workdir)
     if workdir.exists():
@@ -155,7 +155,7 @@ def run(workdir: str | Path, *, n_images: int = 16, size: int = 56, vlm=None) ->
                          ok=fname in bad, detail=bad.get(fname, "")))
 
     if vlm is None:  # the tokenizer learns the benchmark's texts (the fault records have no scene)
-        vlm = models.build_tiny_vlm(sft.corpus_texts([it for it in res if it.dataset != DATASET]), seed=0,
+        vlm = models.build_tiny_vlm(base.corpus_texts([it for it in res if it.dataset != DATASET]), seed=0,
                                     image_size=size)
     df = evaluate.evaluate(vlm, list(res), prompt="nothink", image_size=size, method="logprob", batch_size=16)
     item = next(it for it in res if len(it.options) == 4)

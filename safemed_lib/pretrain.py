@@ -4,22 +4,24 @@ vision tower whose features say what the image shows.
 A Qwen2-VL checkpoint arrives able to copy from its context (induction heads: having seen
 ``... x y ...``, on meeting ``x`` again predict ``y``). The tiny model is trained from scratch, and
 without that ability it never learns the multiple-choice step of copying an option from the prompt
-(docs/tiny_model_learnability.md: SFT alone stays at chance). :func:`copy_pretrain` gives it the
-ability the way it arises in language models, on text that repeats itself: random token sequences
-shown twice, the loss on the second copy. No benchmark text, image or answer is involved; on the
-tiny model the copy accuracy goes from 0 to 1 within about 200 steps; the base takes 400 (about 30 s on one core).
+(docs/lab_notes.md, What the tiny model needs to read the image: SFT alone stays at chance).
+:func:`copy_pretrain` gives it the ability the way it arises in language models, on text that
+repeats itself: random token sequences shown twice, the loss on the second copy. No benchmark text,
+image or answer is involved; on the tiny model the copy accuracy goes from 0 to 1 within about 200
+steps; the base takes 400 (about 30 s on one core).
 
 Qwen2-VL's vision encoder arrives pretrained on image-text pairs (its first training stage). The tiny
 model's does not, and trained only through the language model's SFT loss it learns the image poorly
-(docs/tiny_model_learnability.md, eighth round). :func:`vision_pretrain` is the tiny stand-in for that
-stage: a linear head per scene attribute (:data:`SCENE_ATTRIBUTES`, the image's "caption") on the
-mean of the vision tower's merged tokens, trained on the training split's images; the heads are then
-thrown away. It never sees a question, an option or an answer letter. Where things are needs two more
-heads (tenth round): nothing in Qwen2-VL gives a token its absolute position as content (the tower's
-and the language model's rotary embeddings only shape attention), so each merged token also learns to
-name its row and column (Zhai et al., ICML 2022), and an attention-pooled head (learned queries, no
-positional information: the lookup the language model's attention can make) reads which image
-quadrants hold a lesion (:func:`scene_quadrants`).
+(docs/lab_notes.md, What the tiny model needs to read the image). :func:`vision_pretrain` is the
+tiny stand-in for that stage: a linear head per scene attribute (:data:`SCENE_ATTRIBUTES`, the
+image's "caption") on the mean of the vision tower's merged tokens, trained on the training split's
+images; the heads are then thrown away. It never sees a question, an option or an answer letter.
+Where things are needs two more heads (the same section, its paragraph on position): nothing in
+Qwen2-VL gives a token its absolute position as content (the tower's and the language model's rotary
+embeddings only shape attention), so each merged token also learns to name its row and column (Zhai
+et al., ICML 2022), and an attention-pooled head (learned queries, no positional information: the
+lookup the language model's attention can make) reads which image quadrants hold a lesion
+(:func:`scene_quadrants`).
 """
 from __future__ import annotations
 
@@ -151,10 +153,10 @@ def vision_pretrain(vlm, images: torch.Tensor, labels: Sequence[dict[str, str]],
     :func:`scene_labels`), string values. One linear head per key reads the mean of the image's
     merged tokens (the language model attends over those tokens, so what the heads need must be
     readable from their average); the summed cross-entropy trains tower and heads with AdamW at a
-    constant ``lr``, without clipping (the setting docs/tiny_model_learnability.md measured). The
-    heads are discarded. Deterministic for a ``seed`` (the caller's RNG is untouched). Returns a
-    log row (step, loss, accuracy: the share of the batch's labels right) every 100 steps and at
-    the end.
+    constant ``lr``, without clipping (the setting measured in docs/lab_notes.md, What the tiny
+    model needs to read the image). The heads are discarded. Deterministic for a ``seed`` (the
+    caller's RNG is untouched). Returns a log row (step, loss, accuracy: the share of the batch's
+    labels right) every 100 steps and at the end.
 
     ``where``: an optional (N, K) 0/1 tensor (e.g. :func:`scene_quadrants`), read by an
     :class:`AttentionPool` head with binary cross-entropy (log: ``where_accuracy``, the share of

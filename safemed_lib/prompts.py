@@ -116,9 +116,9 @@ def option_check(options, answer: str) -> str:
     so the model compares one word with the conclusion instead of a whole phrase; judged only at the
     phrase's end, options of several words that differ in one (``left`` / ``right occipital lobe``)
     were answered at chance. The space after ``)`` (the prompt has ``A)text``) makes the option's
-    words the same tokens as the conclusion's (docs/tiny_model_learnability.md, eleventh round); the
-    glued form copies second words better and judges first words worse, and was no better over two
-    seeds (twelfth round)."""
+    words the same tokens as the conclusion's (docs/lab_notes.md, What the tiny model
+    needs to read the image, the truncated check); the glued form copies second words better and
+    judges first words worse, and was no better over two seeds (the same paragraph)."""
     options = list(options)
     answer = answer.strip().upper()
     if answer not in LETTERS[:len(options)]:

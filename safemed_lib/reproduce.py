@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    profile = str(args.profile) if Path(str(args.profile)).suffix else cfg.profile
+    profile = str(config.profile_path(args.profile)) if Path(str(args.profile)).suffix else cfg.profile
     params = {"profile": profile, "overrides": overrides}
     books = find_notebooks(Path(args.notebooks), args.only)
     if not books:

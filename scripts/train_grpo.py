@@ -1,104 +1,247 @@
 """GRPO / AT-GRPO from a YAML recipe, open-r1 style: ``--config recipe.yaml`` plus ``--key value`` overrides.
 
-    python scripts/train_grpo.py --config configs/recipes/tiny_grpo.yaml --steps 20
+    python scripts/train_grpo.py --config configs/recipes/tiny_grpo.yaml --grpo.steps 20
     python scripts/train_grpo.py --config configs/recipes/tiny_at_grpo.yaml --adversarial.fraction 1.0
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml scripts/train_grpo.py \\
-        --config configs/recipes/tiny_grpo.yaml --steps 2
+        --config configs/recipes/tiny_grpo.yaml --grpo.steps 2
     accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml --num_processes 2 \\
         scripts/train_grpo.py --config configs/recipes/paper_grpo.yaml
 
-Recipe keys: ``output_dir``; data (``omnimedvqa_root`` or the embedded benchmark's ``bench_dir``,
-``n_images``, ``image_size``, ``data_seed``, optional ``train_filter: {modality: CT}``); model
-(``model_path``: a saved VLM or a Qwen2-VL checkpoint dir; null = a tiny untrained model, the
-same on every process); everything else is a keyword of ``safemed_lib.grpo.train_grpo`` (``mode``,
-``steps``, ``lr``, ``num_generations``, ``batch_size``, ``beta``, ``temperature``,
-``max_completion_length``, ``lora``, ``adversarial: {eps, alpha, steps, fraction, ...}``, and
-GRPOConfig fields). Values of overrides are parsed as YAML (``--lora null``, ``--beta 0.0``);
-dotted keys reach nested dicts. The final model is saved to ``<output_dir>/model`` by the main
-process, and a run resumes from ``<output_dir>/checkpoint-*``.
-"""
-from __future__ import annotations
+The recipe is typed (:class:`TrainRecipe`, pydantic): an unknown or mistyped key is an error that
+names it. Blocks:
 
+- ``data``: ``omnimedvqa_root`` (a local OmniMedVQA copy) or the embedded benchmark's ``bench_dir``,
+  ``n_images``; ``image_size``, ``data_seed`` (generation and per-image split), optional
+  ``train_filter: {modality: CT}`` and ``max_train_items`` (0: all);
+- ``model``: ``path`` (a saved VLM or a Qwen2-VL checkpoint dir; null = a tiny untrained model,
+  the same on every process, built with ``tiny_seed``), ``dtype``;
+- ``grpo``: the run's ``config.GRPORecipe`` (steps, lr, batch_size, num_generations, beta,
+  temperature, max_completion_length);
+- ``adversarial`` (AT-GRPO; null or absent: plain GRPO): ``eps`` and ``alpha`` in 1/255 for an
+  L-inf attack (8 means 8/255, as in every profile; L2: the radius of pixels in [0, 1]), ``steps``,
+  ``norm``, ``fraction``, ``clean_steps``, ``ramp_steps``, ... (``at_grpo.AdversarialConfig``, which
+  takes [0, 1] pixel units: :meth:`Adversarial.pixels` converts);
+- top level: ``output_dir``, ``mode``, ``seed``, ``lora``, ``save_steps``,
+  ``gradient_accumulation_steps``, ``gradient_checkpointing``, ``threads``, ``device``.
+
+Overrides name a key by its dotted path (``--grpo.steps 2``, ``--adversarial.fraction 1.0``,
+``--data.train_filter.modality CT``, ``--seed 1``); values are read as YAML (``--lora null``,
+``--adversarial null``). The final model is saved to ``<output_dir>/model`` by the main process,
+with ``recipe.json`` (the resolved recipe and the process count), and a run resumes from
+``<output_dir>/checkpoint-*``.
+"""
+# no `from __future__ import annotations`: pydantic resolves the fields below when the file is loaded by path
 import argparse
+import difflib
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import Field, ValidationError, model_validator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DATA_KEYS = ("omnimedvqa_root", "bench_dir", "n_images", "image_size", "data_seed", "train_filter", "max_train_items")
-MODEL_KEYS = ("model_path", "tiny_seed", "dtype")
+from safemed_lib.config import (Block, ConfigError, Count, GRPORecipe, Mode, Norm, PosFloat,  # noqa: E402
+                                PosInt)
+
+TEST_FRAC = 0.2  # share of the images held out per image (the profiles' data.test_frac): never trained on
 
 
-def parse(argv: list[str] | None = None) -> dict:
+class RecipeData(Block):
+    omnimedvqa_root: str | None = None   # a local OmniMedVQA copy; None: the embedded benchmark
+    bench_dir: str = "data/bench/tiny"   # where the embedded benchmark is generated
+    n_images: PosInt = 1600              # images of the embedded benchmark
+    image_size: Annotated[int, Field(ge=28, multiple_of=28)] = 112  # square side, on Qwen2-VL's 28-pixel grid
+    data_seed: Count = 0                 # benchmark generation and the per-image split
+    train_filter: dict[str, str] = {}    # keep training items whose attributes match ({modality: CT})
+    max_train_items: Count = 0           # the first n training items (0: all)
+
+
+class RecipeModel(Block):
+    path: str | None = None       # a saved VLM or a Qwen2-VL checkpoint; None: a tiny untrained model
+    tiny_seed: int = 0            # its weights' seed (the same on every process)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the checkpoint's
+
+
+class Adversarial(Block):
+    """AT-GRPO's training attack. ``eps`` / ``alpha`` in 1/255 for L-inf (the profiles' unit), the
+    L2 radius / step of pixels in [0, 1] for L2."""
+
+    eps: PosFloat = 8
+    alpha: PosFloat = 2
+    steps: PosInt = 5
+    norm: Norm = "linf"
+    fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
+    clean_steps: Count = 0
+    ramp_steps: Count = 0
+    random_start: bool = True
+    prompt: Mode | None = None
+    target: Literal["auto", "answer", "clean_reasoning"] = "auto"
+    measure_success: bool = True
+
+    @model_validator(mode="after")
+    def _linf_units(self):
+        # below 1/255 an L-inf perturbation rounds to nothing on the 8-bit grid the trainer's images live on:
+        # such an eps is a radius given in [0, 1] pixels (0.0314 for 8/255)
+        if self.norm == "linf" and self.eps < 1:
+            raise ValueError(f"eps={self.eps:g}: L-inf eps is in 1/255 (8 means 8/255), and an eps below 1/255 "
+                             "leaves no perturbation on the 8-bit grid")
+        return self
+
+    def pixels(self):
+        """The ``at_grpo.AdversarialConfig`` of this block, radius and step in [0, 1] pixel units."""
+        from safemed_lib.at_grpo import AdversarialConfig
+
+        scale = 1 / 255 if self.norm == "linf" else 1.0
+        return AdversarialConfig(**{**self.model_dump(), "eps": self.eps * scale, "alpha": self.alpha * scale})
+
+
+class TrainRecipe(Block):
+    """One GRPO / AT-GRPO run of ``scripts/train_grpo.py``."""
+
+    output_dir: str
+    data: RecipeData = RecipeData()
+    model: RecipeModel = RecipeModel()
+    grpo: GRPORecipe = GRPORecipe()
+    adversarial: Adversarial | None = None   # None: plain GRPO
+    mode: Mode = "think"
+    seed: Count = 0
+    lora: bool | dict[str, Any] | None = None   # None / false: full fine-tuning; true: r=8 on q/v; a LoraConfig dict
+    save_steps: PosInt | None = None            # None: every quarter of the run
+    gradient_accumulation_steps: PosInt = 1
+    gradient_checkpointing: bool = False        # on CUDA only
+    threads: PosInt = 1                         # torch threads per process
+    device: str | None = None                   # None: cuda when available, else cpu
+
+
+def _keys(model, prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        out.append(prefix + name)
+        for sub in getattr(field.annotation, "__args__", (field.annotation,)):
+            if isinstance(sub, type) and issubclass(sub, Block):
+                out += _keys(sub, f"{prefix}{name}.")
+    return out
+
+
+def _explain(errors: list[dict], where: str) -> ConfigError:
+    lines = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, _keys(TrainRecipe), n=3)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            return ConfigError(f"{where}: unknown recipe key {loc!r}{hint}")
+        lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return ConfigError(f"{where}: " + "; ".join(lines))
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        if node.get(k) is None:
+            node[k] = {}
+        node = node[k]
+        if not isinstance(node, dict):
+            raise ConfigError(f"override --{dotted}: {'.'.join(keys[:i + 1])} is not a block of the recipe")
+    node[keys[-1]] = value
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:
+    """The recipe file with ``overrides`` (``{"grpo.steps": 2}``) applied; a :class:`ConfigError`
+    naming the file or the override and the key for anything that does not fit."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path}: not valid YAML ({e})") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of keys to values")
+    try:
+        TrainRecipe.model_validate(tree)  # the file alone: its errors name the file
+    except ValidationError as e:  # (output_dir may come as an override)
+        errors = [err for err in e.errors() if not (err["type"] == "missing" and err["loc"] == ("output_dir",))]
+        if errors:
+            raise _explain(errors, f"recipe {path}") from None
+    for key, value in (overrides or {}).items():
+        _set(tree, key, value)
+    try:
+        return TrainRecipe.model_validate(tree)
+    except ValidationError as e:
+        where = ", ".join(f"--{k} {v!r}" for k, v in (overrides or {}).items())
+        raise _explain(e.errors(), f"recipe {path} with overrides {where}" if where else f"recipe {path}") from None
+
+
+def parse(argv: list[str] | None = None) -> TrainRecipe:
     """The recipe (``--config``) with the ``--key value`` overrides applied."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="YAML recipe (configs/recipes/*.yaml)")
     args, rest = ap.parse_known_args(argv)
-    path = Path(args.config)
-    if not path.is_file():
-        ap.error(f"recipe {path} does not exist")
-    recipe = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(recipe, dict):
-        ap.error(f"recipe {path} must be a mapping of keys to values")
     if len(rest) % 2:
         ap.error(f"overrides come in pairs --key value, got {rest}")
+    overrides = {}
     for flag, value in zip(rest[::2], rest[1::2]):
         if not flag.startswith("--"):
             ap.error(f"expected --key, got {flag!r}")
-        node, keys = recipe, flag[2:].replace("-", "_").split(".")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                ap.error(f"override {flag}: {k} is not a mapping in the recipe")
-        node[keys[-1]] = yaml.safe_load(value)
-    return recipe
+        overrides[flag[2:].replace("-", "_")] = yaml.safe_load(value)
+    return load_recipe(args.config, overrides)
 
 
 def main(argv: list[str] | None = None) -> Path:
-    recipe = parse(argv)
+    try:
+        recipe = parse(argv)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     from accelerate import PartialState
 
     import safemed_lib
-    from safemed_lib import grpo, models, workbook
+    from safemed_lib import data, dataset, grpo, models
     from safemed_lib.paths import resolve
 
-    safemed_lib.set_threads(int(recipe.pop("threads", 1)))
-    out_dir = resolve(recipe.pop("output_dir"))
-    d = {k: recipe.pop(k) for k in DATA_KEYS if k in recipe}
-    m = {k: recipe.pop(k) for k in MODEL_KEYS if k in recipe}
-    image_size = d.get("image_size", 112)
-    device = recipe.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
+    safemed_lib.set_threads(recipe.threads)
+    out_dir = resolve(recipe.output_dir)
+    d, m = recipe.data, recipe.model
+    device = recipe.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # the same distributed state the trainer will use; the main process generates the benchmark first
     state = PartialState(cpu=not device.startswith("cuda"))
     with state.main_process_first():
-        train, _ = workbook.dataset(d.get("omnimedvqa_root"), d.get("bench_dir", "data/bench/tiny"),
-                                    d.get("n_images", 1600), image_size, d.get("data_seed", 0))
-    for key, value in (d.get("train_filter") or {}).items():
+        items = dataset.load_items(d.omnimedvqa_root, d.bench_dir, d.n_images, d.image_size, d.data_seed)
+    train, _ = data.split_by_image(items, test_frac=TEST_FRAC, seed=d.data_seed)
+    for key, value in d.train_filter.items():
         train = [it for it in train if getattr(it, key) == value]
-    if d.get("max_train_items"):
-        train = train[: int(d["max_train_items"])]
+    if d.max_train_items:
+        train = train[: d.max_train_items]
     if not train:
-        raise SystemExit(f"no training items left after train_filter={d.get('train_filter')}")
+        raise SystemExit(f"no training items left after train_filter={d.train_filter}")
 
-    if m.get("model_path"):
-        vlm = models.load_vlm(resolve(m["model_path"]), dtype=m.get("dtype"), image_size=image_size)
+    if m.path:
+        vlm = models.load_vlm(resolve(m.path), dtype=m.dtype, image_size=d.image_size)
     else:  # deterministic in (corpus, seed): every process builds the same weights
         corpus = [f"{it.question} {' '.join(it.options)}" for it in train]
-        vlm = models.build_tiny_vlm(corpus, seed=int(m.get("tiny_seed", 0)), image_size=image_size)
+        vlm = models.build_tiny_vlm(corpus, seed=m.tiny_seed, image_size=d.image_size)
     if device.startswith("cuda"):
         vlm.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
 
-    vlm = grpo.train_grpo(vlm, train, out_dir=out_dir, device=device, image_size=image_size, **recipe)
+    adversarial = recipe.adversarial.pixels() if recipe.adversarial else None
+    vlm = grpo.train_grpo(vlm, train, recipe.grpo, mode=recipe.mode, out_dir=out_dir, seed=recipe.seed,
+                          adversarial=adversarial, lora=recipe.lora, image_size=d.image_size,
+                          save_steps=recipe.save_steps, device=device,
+                          gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+                          gradient_checkpointing=recipe.gradient_checkpointing)
     trainer = vlm.trainer
     if trainer.accelerator.is_main_process:
         vlm.save(out_dir / "model")
-        (out_dir / "recipe.json").write_text(json.dumps({**recipe, **d, **m, "num_processes": trainer.accelerator.num_processes}, indent=2, default=str) + "\n")
+        meta = {**recipe.model_dump(mode="json"), "n_train": len(train),
+                "num_processes": trainer.accelerator.num_processes}
+        (out_dir / "recipe.json").write_text(json.dumps(meta, indent=2) + "\n")
         print(f"saved {out_dir / 'model'}; log: {out_dir / grpo.LOG_NAME}")
     trainer.accelerator.wait_for_everyone()
     return out_dir

@@ -31,9 +31,10 @@ def items(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_dir(request, items, tmp_path_factory):
-    """One saved untrained tiny base (the module's ``TINY`` model kwargs); every test loads its own copy."""
-    from safemed_lib import sft
+    """One saved tiny base (``base.build`` with the module's ``TINY`` fields of ``config.TinyBase``, its
+    default pretraining steps); every test loads its own copy."""
+    from safemed_lib import base, config
 
-    models_dir = tmp_path_factory.mktemp("models")
-    sft.ensure_base(models_dir, items, image_size=request.module.SIZE, model_kwargs=request.module.TINY)
-    return models_dir / "base" / "model"
+    out_dir = tmp_path_factory.mktemp("base")
+    base.build(items, config.TinyBase(**request.module.TINY), image_size=request.module.SIZE, seed=0, out_dir=out_dir)
+    return out_dir / "model"

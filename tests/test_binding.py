@@ -1,20 +1,29 @@
-"""Auxiliary option-binding losses for answer-only SFT (safemed_lib.binding, train_sft(binding_aux=...))."""
+"""Auxiliary option-binding losses for answer-only SFT (safemed_lib.binding, a recipe's ``binding``)."""
 import dataclasses
-import json
 import re
 import shutil
 
 import pytest
 import torch
 
-from safemed_lib import binding, data, models, prompts, sft, synth
+from safemed_lib import binding, config, data, models, prompts, sft, synth
+from safemed_lib.config import SFTRecipe
+from safemed_lib.targets import benchmark_root, scenes_for, sft_targets
 
 SIZE = 56
-TINY = dict(hidden_size=64, vocab_size=700)  # the conftest fixtures' base model
+TINY = dict(hidden_size=64)  # the conftest fixtures' base model (config.TinyBase fields)
 
 
 def _weights(vlm):
     return {k: v.detach().clone() for k, v in vlm.model.state_dict().items()}
+
+
+def _one_step(**recipe):
+    return SFTRecipe(steps=1, lr=1e-3, batch_size=2, **recipe)
+
+
+def _vocab_size(vlm):
+    return vlm.model.config.text_config.vocab_size
 
 
 def _forward(base_dir, batch):
@@ -24,7 +33,7 @@ def _forward(base_dir, batch):
     extras = {}
     with torch.no_grad():
         vlm.sequence_nll(data.load_images(batch, size=SIZE), batch,
-                         [sft.sft_targets(it, None, "nothink") for it in batch], prompt="nothink", extras=extras)
+                         [sft_targets(it, None, "nothink") for it in batch], prompt="nothink", extras=extras)
     return vlm, extras
 
 
@@ -61,9 +70,9 @@ def test_option_token_labels_mark_every_options_tokens(items, base_dir):
 
 def test_binding_sft_learns_its_terms_resumes_exactly_and_saves_the_plain_model(items, base_dir, tmp_path,
                                                                                 monkeypatch):
-    kw = dict(variant="nothink", steps=12, lr=1e-2, batch_size=4, image_size=SIZE, log_every=1, save_every=6,
-              binding_aux={"content": 1.0, "scene": 1.0})  # every term and head
-    reference = sft.train_sft(models.load_vlm(base_dir), items[:8], out_dir=tmp_path / "a", **kw)
+    recipe = SFTRecipe(steps=12, lr=1e-2, batch_size=4, binding={"content": 1.0, "scene": 1.0})  # every term and head
+    kw = dict(variant="nothink", image_size=SIZE, log_every=1, save_every=6)
+    reference = sft.train_sft(models.load_vlm(base_dir), items[:8], recipe, out_dir=tmp_path / "a", **kw)
     log = sft.read_log(tmp_path / "a")
     import pandas as pd
     aux = pd.read_csv(tmp_path / "a" / "binding_log.csv")
@@ -72,8 +81,9 @@ def test_binding_sft_learns_its_terms_resumes_exactly_and_saves_the_plain_model(
     for term in ("attention", "letter", "content"):  # learnt within 12 steps (the scene term is tested below)
         assert aux[term].iloc[-3:].mean() < aux[term].iloc[:3].mean(), term
     assert list(log["step"]) == list(range(1, 13))
-    done = json.loads((tmp_path / "a" / "done.json").read_text())
+    done = sft.read_run(tmp_path / "a")
     assert done["binding_aux"] == {**binding.DEFAULTS, "content": 1.0, "scene": 1.0}
+    assert config.Binding().model_dump() == binding.DEFAULTS  # the recipe's defaults are the loss's
     saved = models.load_vlm(tmp_path / "a" / done["model"])
     assert set(_weights(saved)) == set(_weights(models.load_vlm(base_dir)))  # no auxiliary heads
     assert reference.model.config._attn_implementation != "eager"  # restored after training
@@ -88,31 +98,35 @@ def test_binding_sft_learns_its_terms_resumes_exactly_and_saves_the_plain_model(
 
     monkeypatch.setattr(models.VLM, "sequence_nll", dies_in_step_8)
     with pytest.raises(KeyboardInterrupt):
-        sft.train_sft(models.load_vlm(base_dir), items[:8], out_dir=tmp_path / "b", **kw)
+        sft.train_sft(models.load_vlm(base_dir), items[:8], recipe, out_dir=tmp_path / "b", **kw)
+    assert (tmp_path / "b" / "latest").read_text().strip() == "ckpt-000006"
     monkeypatch.setattr(models.VLM, "sequence_nll", orig)
-    resumed = sft.train_sft(models.load_vlm(base_dir), items[:8], out_dir=tmp_path / "b", **kw)
+    resumed = sft.train_sft(models.load_vlm(base_dir), items[:8], recipe, out_dir=tmp_path / "b", **kw)
     ref, got = _weights(reference), _weights(resumed)
     assert all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref)  # heads restored from state.pt too
     assert pd.read_csv(tmp_path / "b" / "binding_log.csv")["step"].tolist() == list(range(1, 13))
-    plain = sft.train_sft(models.load_vlm(base_dir), items[:8], out_dir=tmp_path / "plain",
-                          **{**kw, "binding_aux": None})
+    plain = sft.train_sft(models.load_vlm(base_dir), items[:8], recipe.model_copy(update={"binding": None}),
+                          out_dir=tmp_path / "plain", **kw)
+    assert sft.read_run(tmp_path / "plain")["binding_aux"] is None
     assert any(not torch.equal(ref[k], v) for k, v in _weights(plain).items())
     with pytest.raises(ValueError, match="different run"):
-        sft.train_sft(resumed, items[:8], out_dir=tmp_path / "b", **{**kw, "binding_aux": {"attention": 2.0}})
+        sft.train_sft(resumed, items[:8], SFTRecipe(steps=12, lr=1e-2, batch_size=4, binding={"attention": 2.0}),
+                      out_dir=tmp_path / "b", **kw)
 
 
 def test_binding_aux_is_for_answer_first_targets_and_existing_layers(items, base_dir, tmp_path):
     with pytest.raises(ValueError, match="variant 'think'"):
-        sft.train_sft(models.load_vlm(base_dir), items[:4], variant="think", steps=1, lr=1e-3, batch_size=2,
-                      image_size=SIZE, out_dir=tmp_path / "t", binding_aux=True)
+        sft.train_sft(models.load_vlm(base_dir), items[:4], _one_step(binding=True), variant="think",
+                      image_size=SIZE, out_dir=tmp_path / "t")
     bare = tmp_path / "bare"  # a copy without the scene metadata, as a real OmniMedVQA root
-    shutil.copytree(sft.benchmark_root(items[0]), bare, ignore=shutil.ignore_patterns(synth.SCENES_FILE))
-    with pytest.raises(ValueError, match=re.escape("binding_aux['scene'] needs the embedded benchmark's scene")):
-        sft.train_sft(models.load_vlm(base_dir), data.load_omnimedvqa(bare)[:4], variant="nothink", steps=1,
-                      lr=1e-3, batch_size=2, image_size=SIZE, out_dir=tmp_path / "s", binding_aux={"scene": 1.0})
+    shutil.copytree(benchmark_root(items[0]), bare, ignore=shutil.ignore_patterns(synth.SCENES_FILE))
+    with pytest.raises(ValueError, match=re.escape("binding's scene term needs the embedded benchmark's scene")):
+        sft.train_sft(models.load_vlm(base_dir), data.load_omnimedvqa(bare)[:4], _one_step(binding={"scene": 1.0}),
+                      variant="nothink", image_size=SIZE, out_dir=tmp_path / "s")
     with pytest.raises(ValueError, match=re.escape("binding_aux['layer']=2 must be below the language model's 2 layers")):
-        sft.train_sft(models.load_vlm(base_dir), items[:4], variant="nothink", steps=1, lr=1e-3, batch_size=2,
-                      image_size=SIZE, out_dir=tmp_path / "n", binding_aux={"layer": 2})
+        sft.train_sft(models.load_vlm(base_dir), items[:4], _one_step(binding={"layer": 2}), variant="nothink",
+                      image_size=SIZE, out_dir=tmp_path / "n")
+    assert not any((tmp_path / d / sft.RUN_FILE).exists() for d in "tsn")  # none of them trained
 
 
 def test_attention_term_over_several_heads_is_the_mean_of_theirs(items, base_dir, tmp_path):
@@ -128,8 +142,8 @@ def test_attention_term_over_several_heads_is_the_mean_of_theirs(items, base_dir
     assert term([0, 1, 2, 3]) == pytest.approx(sum(one) / 4, rel=1e-5)
     n_heads = vlm.model.config.text_config.num_attention_heads
     with pytest.raises(ValueError, match=re.escape(f"binding_aux['head']=[0, {n_heads}]: the model has {n_heads}")):
-        sft.train_sft(vlm, items[:4], variant="nothink", steps=1, lr=1e-3, batch_size=2, image_size=SIZE,
-                      out_dir=tmp_path / "h", binding_aux={"head": [0, n_heads]})
+        sft.train_sft(vlm, items[:4], _one_step(binding={"head": [0, n_heads]}), variant="nothink", image_size=SIZE,
+                      out_dir=tmp_path / "h")
 
 
 def test_content_term_scores_the_options_at_the_letter_position(items, base_dir):
@@ -140,7 +154,7 @@ def test_content_term_scores_the_options_at_the_letter_position(items, base_dir)
     vlm, extras = _forward(base_dir, batch)
     cfg = binding.settings({"content": 1.0})
     assert binding.BindingHeads(TINY["hidden_size"]).content is None
-    heads = binding.BindingHeads(TINY["hidden_size"], vocab_size=TINY["vocab_size"])
+    heads = binding.BindingHeads(TINY["hidden_size"], vocab_size=_vocab_size(vlm))
     ids = extras["inputs"]["input_ids"]
     n_image = [int((row == vlm.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) for row in ids]
 
@@ -167,7 +181,7 @@ def test_content_term_scores_the_options_at_the_letter_position(items, base_dir)
 def test_scene_term_names_every_attribute_of_the_image(items, base_dir):
     """The scene term: one head per scene attribute on the letter position's state, classes from the
     training scenes; a label outside them or missing scenes is a clear error."""
-    scenes = sft.scenes_for(items)
+    scenes = scenes_for(items)
     classes = binding.scene_classes(scenes)
     assert list(classes) == list(binding.pretrain.SCENE_ATTRIBUTES)
     assert all(c == sorted(set(c)) and c for c in classes.values())
@@ -226,18 +240,18 @@ def test_batched_loss_equals_the_item_by_item_loss_and_its_gradients(items, base
                               answer=prompts.LETTERS[keep.index(binding.answer_index(it))])
     batch = items[:5] + [two]
     assert len(two.options) == 2 < len(batch[0].options)
-    scenes = sft.scenes_for(batch)
+    scenes = scenes_for(batch)
     cfg = binding.settings({"content": 1.0, "scene": 1.0, "head": [0, 2]})
-    torch.manual_seed(0)
-    heads = binding.BindingHeads(TINY["hidden_size"], vocab_size=TINY["vocab_size"],
-                                 scene_classes=binding.scene_classes(sft.scenes_for(items)))
     vlm = models.load_vlm(base_dir)
+    torch.manual_seed(0)
+    heads = binding.BindingHeads(TINY["hidden_size"], vocab_size=_vocab_size(vlm),
+                                 scene_classes=binding.scene_classes(scenes_for(items)))
     vlm.model.set_attn_implementation("eager")
     results = []
     for fn in (binding.binding_loss, _loop_loss):
         extras = {}
         vlm.sequence_nll(data.load_images(batch, size=SIZE), batch,
-                         [sft.sft_targets(it, None, "nothink") for it in batch], prompt="nothink", extras=extras)
+                         [sft_targets(it, None, "nothink") for it in batch], prompt="nothink", extras=extras)
         vlm.model.zero_grad(), heads.zero_grad()
         loss, parts = fn(vlm, heads, cfg, extras, batch, "nothink", scenes)
         loss.backward()

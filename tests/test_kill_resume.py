@@ -7,7 +7,8 @@ import sys
 import textwrap
 import time
 
-from safemed_lib import data, evaluate, models, sft, synth
+from safemed_lib import base, data, evaluate, models, sft, synth
+from safemed_lib.config import SFTRecipe
 
 SCRIPT = textwrap.dedent("""
     import sys, torch
@@ -25,7 +26,7 @@ def test_evaluation_resumes_after_kill_9(tmp_path):
     root = synth.make_benchmark(tmp_path / "bench", n_images=16, seed=0, size=56)
     items = list(data.load_omnimedvqa(root))
     model_dir = tmp_path / "model"
-    models.build_tiny_vlm(sft.corpus_texts(items), seed=0, image_size=56).save(model_dir)
+    models.build_tiny_vlm(base.corpus_texts(items), seed=0, image_size=56).save(model_dir)
     records = tmp_path / "eval.jsonl"
 
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -60,10 +61,11 @@ TRAIN = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from safemed_lib import data, models, sft
+    from safemed_lib.config import SFTRecipe
     root, base, out, steps = sys.argv[1:5]
     items = list(data.load_omnimedvqa(root))
-    sft.train_sft(models.load_vlm(base), items, variant="nothink", steps=int(steps), lr=3e-3, batch_size=4,
-                  image_size=56, out_dir=out, seed=0, log_every=1, save_every=1)
+    sft.train_sft(models.load_vlm(base), items, SFTRecipe(steps=int(steps), lr=3e-3, batch_size=4),
+                  variant="nothink", image_size=56, out_dir=out, seed=0, log_every=1, save_every=1)
 """)
 
 
@@ -72,11 +74,11 @@ def test_training_resumes_after_kill_9_to_the_same_weights(tmp_path):
 
     root = synth.make_benchmark(tmp_path / "bench", n_images=16, seed=0, size=56)
     items = list(data.load_omnimedvqa(root))
-    base = tmp_path / "base"
-    models.build_tiny_vlm(sft.corpus_texts(items), seed=0, image_size=56).save(base)
+    base_model = tmp_path / "base"
+    models.build_tiny_vlm(base.corpus_texts(items), seed=0, image_size=56).save(base_model)
     steps, out = 40, tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-c", TRAIN, str(root), str(base), str(out), str(steps)], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN, str(root), str(base_model), str(out), str(steps)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not (out / "ckpt-000003").exists():
@@ -84,12 +86,13 @@ def test_training_resumes_after_kill_9_to_the_same_weights(tmp_path):
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "done.json").exists()
+    assert not (out / sft.RUN_FILE).exists()
 
-    resumed = sft.train_sft(models.load_vlm(base), items, variant="nothink", steps=steps, lr=3e-3, batch_size=4,
-                            image_size=56, out_dir=out, seed=0, log_every=1, save_every=1)
-    straight = sft.train_sft(models.load_vlm(base), items, variant="nothink", steps=steps, lr=3e-3, batch_size=4,
-                             image_size=56, out_dir=tmp_path / "straight", seed=0, log_every=1, save_every=1)
+    recipe = SFTRecipe(steps=steps, lr=3e-3, batch_size=4)
+    kw = dict(variant="nothink", image_size=56, seed=0, log_every=1, save_every=1)
+    resumed = sft.train_sft(models.load_vlm(base_model), items, recipe, out_dir=out, **kw)
+    assert sft.read_run(out)["steps"] == steps
+    straight = sft.train_sft(models.load_vlm(base_model), items, recipe, out_dir=tmp_path / "straight", **kw)
     a, b = resumed.model.state_dict(), straight.model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     logged = [int(line.split(",")[0]) for line in (out / "train_log.csv").read_text().splitlines()[1:]]

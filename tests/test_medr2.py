@@ -401,22 +401,36 @@ def test_training_items_differ_only_in_context(bench):
         br.training_items(cases, "other")
 
 
-def test_ensure_r2_sft_trains_once_then_loads(bench, tmp_path, monkeypatch):
-    from safemed_lib import models, prompts, sft
+def test_zoo_r2_models_train_once_then_load(tmp_path, monkeypatch):
+    """The stepwise / plain fine-tuned models are the zoo's r2-stepwise / r2-plain, from sft-nothink."""
+    from safemed_lib import config, runs, sft, zoo
 
-    _, _, cases = bench
-    corpus = [prompts.format_problem(it) for it in br.training_items(cases, "stepwise")]
-    base_dir = tmp_path / "start"
-    models.build_tiny_vlm(corpus, seed=0, image_size=SIZE, hidden_size=64).save(base_dir)
-    start = lambda: models.load_vlm(base_dir)  # noqa: E731
-    kw = dict(start=start, start_id="tiny", steps=2, lr=1e-3, batch_size=4, image_size=SIZE)
-    br.ensure_r2_sft(tmp_path / "m", "stepwise", cases[:4], **kw)
-    assert (tmp_path / "m" / "r2-stepwise" / "done.json").is_file()
+    over = {"model.dir": str(tmp_path / "m"), "data.bench_dir": str(tmp_path / "bench"), "data.n_images": 48,
+            "data.image_size": SIZE, "model.tiny.copy_steps": 5, "model.tiny.vision_steps": 5,
+            "sft.nothink.steps": 2, "medr2.ft.steps": 2, "medr2.ft.batch_size": 4}
+    cfg = config.load("smoke", over)
+    train_cases, _ = br.cases_for(cfg)
+    items = br.training_items(train_cases, "stepwise")
+    assert train_cases and len(items) == 4 * len(train_cases)
+    path = zoo.ensure("r2-stepwise", cfg)
+    run_dir = zoo.run_dir("r2-stepwise", cfg)
+    assert run_dir == tmp_path / "m" / "r2-stepwise" and runs.is_done(run_dir, zoo.key("r2-stepwise", cfg))
+    run = sft.read_run(run_dir / "train")  # trained on the stepwise items with the medr2.ft recipe
+    assert path == run_dir / "train" / run["model"] and (path / "config.json").is_file()
+    key = zoo.key("r2-stepwise", cfg)
+    assert (key["r2_mode"], key["recipe"]["steps"], key["n_train"]) == ("stepwise", 2, len(items))
+    assert key["train"] == runs.ids_digest(items) and key["parent"] == zoo.key("sft-nothink", cfg)
+    plain = zoo.key("r2-plain", cfg)  # the same questions without the context: another model
+    assert plain["r2_mode"] == "plain" and plain["texts"] != key["texts"] and plain["train"] == key["train"]
     monkeypatch.setattr(sft, "train_sft", lambda *a, **k: pytest.fail("retrained a cached model"))
-    assert br.ensure_r2_sft(tmp_path / "m", "stepwise", cases[:4], **kw) is not None
+    assert zoo.ensure("r2-stepwise", cfg) == path
+    assert zoo.load("r2-stepwise", cfg) is not None
     monkeypatch.undo()
-    br.ensure_r2_sft(tmp_path / "m", "stepwise", cases[:4], **{**kw, "start_id": "other"})  # retrains
-    assert json.loads((tmp_path / "m" / "r2-stepwise" / "done.json").read_text())["tag"]["start"] == "other"
+    other = config.load("smoke", {**over, "sft.nothink.lr": 2e-3})  # another starting model: retrains
+    assert not zoo.is_trained("r2-stepwise", other)
+    zoo.ensure("r2-stepwise", other)
+    assert runs.read_done(run_dir)["key"]["parent"] == zoo.key("sft-nothink", other) != key["parent"]
+    assert runs.is_done(run_dir, zoo.key("r2-stepwise", other))
 
 
 # ----------------------------------------------------------------------------- splits and the suite

@@ -25,3 +25,20 @@ def test_unknown_claim_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown claim"):
         report.record_claim("nope", "1", True, profile="x", results=tmp_path)
 
+
+
+def test_verdicts_table_and_readme_block(tmp_path):
+    report.record_claim("safemed.sft_collapse", "96.0% -> 12.5%", True, profile="tiny", results=tmp_path)
+    v = report.verdicts(["safemed.sft_collapse", "medr2.visual_cues"], results=tmp_path)
+    assert v["direction holds"].tolist() == ["yes", "-"] and v["ours"].iloc[1] == "not measured"
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:begin -->\nold table\n<!-- results:end -->\nlayout\n")
+    # only the project's own results/ may rewrite the README (a test run's outputs never do)
+    assert not report.update_readme(tmp_path, profile="tiny", readme=readme)
+    assert report.update_readme(report.PROJECT_ROOT / "results", profile="tiny", readme=readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- results:begin -->\nProfile `tiny`") and text.endswith("<!-- results:end -->\nlayout\n")
+    assert "old table" not in text and "| paper | claim |" in text and "](figures/" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        report.update_readme(report.PROJECT_ROOT / "results", readme=readme)

@@ -1,4 +1,4 @@
-"""The papermill runner: parameters from a profile, overrides, failure reporting, --keep-going."""
+"""The papermill runner: the profile and its overrides reach the notebooks, failure reporting, --keep-going."""
 import json
 
 import nbformat as nbf
@@ -6,8 +6,11 @@ import pytest
 
 from safemed_lib import reproduce
 
+PARAMS = 'profile = "tiny"\noverrides = {}'
+SHOW = "from safemed_lib import config\ncfg = config.load(profile, overrides)\n"
 
-def _notebook(path, body, params="x = 1\ny = 'a'"):
+
+def _notebook(path, body, params=PARAMS):
     nb = nbf.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     p = nbf.v4.new_code_cell(params)
@@ -20,11 +23,11 @@ def _notebook(path, body, params="x = 1\ny = 'a'"):
 def books(tmp_path):
     d = tmp_path / "nb"
     d.mkdir()
-    _notebook(d / "01_ok.ipynb", "print('x is', x, 'y is', y)")
+    _notebook(d / "01_ok.ipynb", SHOW + "print('eps is', cfg.attack.eps, 'steps is', cfg.sft.think.steps)")
     _notebook(d / "02_fail.ipynb", "raise RuntimeError('boom in cell two')")
-    _notebook(d / "03_after.ipynb", "print('third ran', x)")
+    _notebook(d / "03_after.ipynb", SHOW + "print('third ran', cfg.sft.think.steps)")
     prof = tmp_path / "prof.yaml"
-    prof.write_text("profile: unit\nx: 5\ny: b\nunused: 3\n")
+    prof.write_text("profile: unit\nsft:\n  think: {steps: 5}\n")
     return d, prof
 
 
@@ -36,11 +39,11 @@ def _outputs(path):
 def test_profile_values_and_overrides_reach_the_notebook(books, tmp_path):
     d, prof = books
     rc = reproduce.main(["--profile", str(prof), "--notebooks", str(d), "--only", "01",
-                         "--out", str(tmp_path / "out"), "-p", "y=zz"])
+                         "--out", str(tmp_path / "out"), "--set", "attack.eps=4"])
     assert rc == 0
-    assert "x is 5 y is zz" in _outputs(tmp_path / "out" / "01_ok.ipynb")
+    assert "eps is 4.0 steps is 5" in _outputs(tmp_path / "out" / "01_ok.ipynb")
     summary = json.loads((tmp_path / "out" / "summary-partial.json").read_text())
-    assert summary["notebooks"][0]["parameters"] == {"x": 5, "y": "zz"}  # undeclared keys are not injected
+    assert summary["notebooks"][0]["parameters"] == {"profile": str(prof), "overrides": {"attack.eps": 4}}
     assert summary["partial"] and not (tmp_path / "out" / "summary.json").exists()
 
 
@@ -84,30 +87,21 @@ def test_prepare_only_injects_without_running(books, tmp_path):
     assert _outputs(tmp_path / "p" / "02_fail.ipynb") == ""
 
 
-def test_bad_profile_and_override_are_clear_errors(tmp_path):
-    with pytest.raises(SystemExit, match="no file"):
-        reproduce.load_profile("nonexistent-profile")
-    with pytest.raises(SystemExit, match="key=value"):
-        reproduce.parse_overrides(["novalue"])
+def test_bad_profile_and_override_are_clear_errors_before_any_notebook_runs(books, tmp_path, capsys):
+    d, prof = books
+    assert reproduce.main(["--profile", "nonexistent-profile", "--notebooks", str(d), "--out", str(tmp_path / "o")]) == 2
+    assert "no file" in capsys.readouterr().err
+    assert reproduce.main(["--profile", str(prof), "--notebooks", str(d), "--out", str(tmp_path / "o"),
+                           "--set", "attack.epss=4"]) == 2
+    assert "unknown configuration key 'attack.epss'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
-def test_shipped_profiles_load():
-    for name in ("smoke", "tiny", "paper"):
-        p = reproduce.load_profile(name)
-        assert p["profile"] == name and "seed" in p and "threads" in p
-
-
-def test_notebook_parameter_defaults_are_the_tiny_profile():
-    """A notebook opened and run by hand in JupyterLab gets the same settings as `make reproduce`
-    (e.g. every notebook that loads SFT-nothink names the same cached run)."""
-    tiny = reproduce.load_profile("tiny")
+def test_every_notebook_takes_only_profile_and_overrides_with_tiny_defaults():
+    """A notebook opened by hand in JupyterLab runs the embedded default; papermill injects the rest."""
     for nb in reproduce.find_notebooks():
         cell = next(c for c in nbf.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
         defaults = {}
         exec(cell.source, defaults)
-        wrong = {k: (v, tiny.get(k, "<not in tiny.yaml>")) for k, v in defaults.items()
-                 if not k.startswith("__") and tiny.get(k, "<not in tiny.yaml>") != v}
-        assert not wrong, f"{nb.name}: parameter defaults differ from configs/tiny.yaml: {wrong}"
-        # papermill must see every one of them, or a profile's value is never injected
-        unseen = {k for k in defaults if not k.startswith("__")} - reproduce.declared_parameters(nb)
-        assert not unseen, f"{nb.name}: papermill cannot parse the parameters {sorted(unseen)}"
+        assert {k: v for k, v in defaults.items() if not k.startswith("__")} == {"profile": "tiny", "overrides": {}}, nb.name
+        assert reproduce.declared_parameters(nb) == {"profile", "overrides"}, nb.name

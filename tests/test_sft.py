@@ -1,15 +1,19 @@
-"""SFT: target format, loss goes down, resumable training, cached models."""
+"""SFT: target format, loss goes down, resumable training, cached models (base, zoo)."""
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from safemed_lib import data, models, prompts, sft, synth
+from safemed_lib import base, config, data, models, prompts, runs, sft, synth, zoo
+from safemed_lib.config import SFTRecipe
+from safemed_lib.targets import (benchmark_root, scenes_for, sft_target_list, sft_targets, shuffle_options,
+                                 think_rationale)
 
 SIZE = 56
-TINY = dict(hidden_size=64, vocab_size=700)  # the conftest fixtures' base model
+TINY = dict(hidden_size=64)  # the conftest fixtures' base model (config.TinyBase fields)
 
 
 def _weights(vlm):
@@ -18,6 +22,17 @@ def _weights(vlm):
 
 def _log_steps(out_dir):
     return sft.read_log(out_dir)["step"].tolist()
+
+
+def _cfg(tmp_path, items, **overrides):
+    """The smoke profile on the 16-image benchmark of the ``items`` fixture, models under ``tmp_path``,
+    a small base (``TINY``, a few pretraining steps) and 2-step SFT recipes; ``overrides`` by dotted key."""
+    over = {"model.dir": str(tmp_path / "m"), "data.bench_dir": str(benchmark_root(items[0]).parent),
+            "data.n_images": 16, "data.image_size": SIZE, "model.tiny.copy_steps": 5, "model.tiny.vision_steps": 5,
+            "model.tiny.pretrain_images": 1, **{f"model.tiny.{k}": v for k, v in TINY.items()},
+            "sft.think.steps": 2, "sft.think.lr": 1e-3, "sft.think.batch_size": 2,
+            "sft.nothink.steps": 2, "sft.nothink.lr": 1e-3, "sft.nothink.batch_size": 2}
+    return config.load("smoke", {**over, **{k.replace("__", "."): v for k, v in overrides.items()}})
 
 
 class CountingNLL:
@@ -35,12 +50,28 @@ class CountingNLL:
         monkeypatch.setattr(models.VLM, "sequence_nll", wrapped)
 
 
+class CountingSFT:
+    """Records every ``sft.train_sft`` call (variant, torch threads at the call, the starting weights);
+    with ``fail``, raises instead of training."""
+
+    def __init__(self, monkeypatch, fail=False):
+        self.calls, real = [], sft.train_sft
+
+        def spy(vlm, items, recipe, **kw):
+            self.calls.append({"variant": kw["variant"], "threads": torch.get_num_threads(), "start": _weights(vlm)})
+            if fail:
+                raise AssertionError("should load the cached model")
+            return real(vlm, items, recipe, **kw)
+
+        monkeypatch.setattr(sft, "train_sft", spy)
+
+
 def test_targets_pass_format_reward_and_parse(items):
-    scenes = sft.scenes_for(items)
+    scenes = scenes_for(items)
     assert {it.question_type for it in items} == set(data.QUESTION_TYPES)
     for it, scene in zip(items, scenes):
-        think = sft.sft_targets(it, scene, "think")
-        nothink = sft.sft_targets(it, None, "nothink")
+        think = sft_targets(it, scene, "think")
+        nothink = sft_targets(it, None, "nothink")
         assert prompts.format_reward([think], mode="think") == [1.0]
         assert prompts.format_reward([nothink], mode="nothink") == [1.0]
         assert prompts.format_reward([nothink], mode="think") == [0.0]
@@ -49,9 +80,9 @@ def test_targets_pass_format_reward_and_parse(items):
         assert synth.rationale(it, scene) in think
         assert prompts.option_check(it.options, it.answer) + " </think>" in think  # judged in the prompt's order
     with pytest.raises(ValueError, match="scene"):
-        sft.sft_targets(items[0], None, "think")
+        sft_targets(items[0], None, "think")
     with pytest.raises(ValueError, match="variant"):
-        sft.sft_targets(items[0], None, "chat")
+        sft_targets(items[0], None, "chat")
 
 
 def test_shuffled_options_keep_the_answer_text_and_vary_with_the_seed(items):
@@ -60,23 +91,23 @@ def test_shuffled_options_keep_the_answer_text_and_vary_with_the_seed(items):
     it = next(i for i in items if len(i.options) >= 4)
     orders = set()
     for k in range(20):
-        s = sft.shuffle_options(it, random.Random(k))
+        s = shuffle_options(it, random.Random(k))
         assert sorted(s.options) == sorted(it.options) and s.answer_text == it.answer_text
         assert s.question_id == it.question_id and it.options == list(it.options)  # the original is untouched
         orders.add(tuple(s.options))
     assert len(orders) > 5
-    again = [sft.shuffle_options(it, random.Random(k)).options for k in range(3)]
-    assert again == [sft.shuffle_options(it, random.Random(k)).options for k in range(3)]
+    again = [shuffle_options(it, random.Random(k)).options for k in range(3)]
+    assert again == [shuffle_options(it, random.Random(k)).options for k in range(3)]
 
 
 def test_a_few_steps_reduce_the_loss(items, base_dir, tmp_path):
     vlm = models.load_vlm(base_dir)
     batch = items[:8]
     images = data.load_images(batch, size=SIZE)
-    targets = sft.sft_target_list(batch, "think")
+    targets = sft_target_list(batch, "think")
     with torch.no_grad():
         before = vlm.sequence_nll(images, batch, targets, prompt="think").mean().item()
-    vlm = sft.train_sft(vlm, batch, variant="think", steps=12, lr=1e-2, batch_size=4, image_size=SIZE,
+    vlm = sft.train_sft(vlm, batch, SFTRecipe(steps=12, lr=1e-2, batch_size=4), variant="think", image_size=SIZE,
                         out_dir=tmp_path / "run", log_every=4, save_every=100)
     with torch.no_grad():
         after = vlm.sequence_nll(images, batch, targets, prompt="think").mean().item()
@@ -84,22 +115,25 @@ def test_a_few_steps_reduce_the_loss(items, base_dir, tmp_path):
     log = sft.read_log(tmp_path / "run")
     assert list(log["step"]) == [4, 8, 12] and list(log.columns) == list(sft.LOG_FIELDS)
     assert log["loss"].iloc[-1] < log["loss"].iloc[0]
-    done = json.loads((tmp_path / "run" / "done.json").read_text())
-    assert done["steps"] == 12 and done["variant"] == "think"
+    run = sft.read_run(tmp_path / "run")
+    assert run["steps"] == 12 and run["variant"] == "think"
+    assert run["model"] == "ckpt-000012/model" and (tmp_path / "run" / run["model"]).is_dir()
 
 
 def test_interrupted_run_resumes_exactly(items, base_dir, tmp_path, monkeypatch):
-    kw = dict(variant="nothink", steps=6, lr=2e-3, batch_size=3, image_size=SIZE, log_every=1, save_every=2)
-    reference = sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "a", **kw)
+    recipe = SFTRecipe(steps=6, lr=2e-3, batch_size=3)
+    kw = dict(variant="nothink", image_size=SIZE, log_every=1, save_every=2)
+    reference = sft.train_sft(models.load_vlm(base_dir), items, recipe, out_dir=tmp_path / "a", **kw)
 
     killed = CountingNLL(monkeypatch, fail_at=5)  # dies inside step 5; the last checkpoint is step 4
     with pytest.raises(KeyboardInterrupt):
-        sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "b", **kw)
+        sft.train_sft(models.load_vlm(base_dir), items, recipe, out_dir=tmp_path / "b", **kw)
+    assert killed.calls == 5
     assert (tmp_path / "b" / "latest").read_text().strip() == "ckpt-000004"
-    assert not (tmp_path / "b" / "done.json").exists()
+    assert not (tmp_path / "b" / sft.RUN_FILE).exists() and sft.read_run(tmp_path / "b") is None
 
     resumed = CountingNLL(monkeypatch)
-    vlm = sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "b", **kw)
+    vlm = sft.train_sft(models.load_vlm(base_dir), items, recipe, out_dir=tmp_path / "b", **kw)
     assert resumed.calls == 2  # steps 5 and 6 only
     assert _log_steps(tmp_path / "b") == [1, 2, 3, 4, 5, 6]
     ref, got = _weights(reference), _weights(vlm)
@@ -109,35 +143,37 @@ def test_interrupted_run_resumes_exactly(items, base_dir, tmp_path, monkeypatch)
 
 
 def test_fewer_then_more_steps_continues(items, base_dir, tmp_path, monkeypatch):
-    kw = dict(variant="nothink", lr=2e-3, batch_size=3, image_size=SIZE, log_every=1, save_every=100,
-              out_dir=tmp_path / "run")
+    kw = dict(variant="nothink", image_size=SIZE, log_every=1, save_every=100, out_dir=tmp_path / "run")
+    recipe = lambda steps, lr=2e-3: SFTRecipe(steps=steps, lr=lr, batch_size=3)  # noqa: E731
     counter = CountingNLL(monkeypatch)
-    sft.train_sft(models.load_vlm(base_dir), items, steps=3, **kw)
+    sft.train_sft(models.load_vlm(base_dir), items, recipe(3), **kw)
     assert counter.calls == 3
-    vlm = sft.train_sft(models.load_vlm(base_dir), items, steps=3, **kw)  # finished: nothing to do
+    vlm = sft.train_sft(models.load_vlm(base_dir), items, recipe(3), **kw)  # finished: nothing to do
     assert counter.calls == 3
-    sft.train_sft(vlm, items, steps=7, **kw)
+    sft.train_sft(vlm, items, recipe(7), **kw)
     assert counter.calls == 7
     assert _log_steps(tmp_path / "run") == list(range(1, 8))
-    assert json.loads((tmp_path / "run" / "done.json").read_text())["steps"] == 7
+    assert sft.read_run(tmp_path / "run")["steps"] == 7
     with pytest.raises(ValueError, match="different run"):
-        sft.train_sft(vlm, items, steps=8, **{**kw, "lr": 1e-3})
+        sft.train_sft(vlm, items, recipe(8, lr=1e-3), **kw)
     with pytest.raises(ValueError, match="backwards"):
-        sft.train_sft(vlm, items, steps=5, **kw)
+        sft.train_sft(vlm, items, recipe(5), **kw)
 
 
 def test_weight_decay_shrinks_the_weights_and_is_part_of_the_run(items, base_dir, tmp_path):
-    kw = dict(variant="nothink", steps=3, lr=2e-3, batch_size=3, image_size=SIZE, log_every=1, save_every=100)
-    plain = _weights(sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "plain", **kw))
-    decayed = sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "wd", weight_decay=0.5, **kw)
-    assert json.loads((tmp_path / "wd" / "done.json").read_text())["weight_decay"] == 0.5
-    assert "weight_decay" not in json.loads((tmp_path / "plain" / "done.json").read_text())
+    kw = dict(variant="nothink", image_size=SIZE, log_every=1, save_every=100)
+    recipe = SFTRecipe(steps=3, lr=2e-3, batch_size=3)
+    plain = _weights(sft.train_sft(models.load_vlm(base_dir), items, recipe, out_dir=tmp_path / "plain", **kw))
+    decayed = sft.train_sft(models.load_vlm(base_dir), items, recipe.model_copy(update={"weight_decay": 0.5}),
+                            out_dir=tmp_path / "wd", **kw)
+    assert sft.read_run(tmp_path / "wd")["weight_decay"] == 0.5
+    assert sft.read_run(tmp_path / "plain")["weight_decay"] == 0.0  # every setting is recorded, 0 too
     norm = lambda w: sum(float(v.float().norm()) for k, v in w.items() if "embed_tokens" in k)  # noqa: E731
     assert norm(_weights(decayed)) < norm(plain)
     with pytest.raises(ValueError, match="different run.*weight_decay"):  # another decay is another run
-        sft.train_sft(decayed, items, out_dir=tmp_path / "wd", **{**kw, "steps": 4})
-    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
-        sft.train_sft(decayed, items, out_dir=tmp_path / "neg", weight_decay=-0.1, **kw)
+        sft.train_sft(decayed, items, recipe.model_copy(update={"steps": 4}), out_dir=tmp_path / "wd", **kw)
+    with pytest.raises(ValidationError, match=r"weight_decay\s+Input should be greater than or equal to 0"):
+        SFTRecipe(steps=3, lr=2e-3, batch_size=3, weight_decay=-0.1)
 
 
 def test_batches_are_a_function_of_seed_and_step():
@@ -151,77 +187,86 @@ def test_batches_are_a_function_of_seed_and_step():
 def test_a_fixed_vision_tower_stays_fixed_and_is_recorded(items, base_dir, tmp_path):
     vlm = models.load_vlm(base_dir)
     before = _weights(vlm)
-    vlm = sft.train_sft(vlm, items[:8], variant="think", steps=3, lr=1e-2, batch_size=4, image_size=SIZE,
-                        out_dir=tmp_path / "run", train_vision=False)
+    vlm = sft.train_sft(vlm, items[:8], SFTRecipe(steps=3, lr=1e-2, batch_size=4, train_vision=False),
+                        variant="think", image_size=SIZE, out_dir=tmp_path / "run")
     changed = {k for k, v in _weights(vlm).items() if not torch.equal(v, before[k])}
     assert changed and not any(".visual." in k or k.startswith("visual.") for k in changed), sorted(changed)[:5]
     assert all(p.requires_grad for p in models.vision_tower(vlm).parameters())  # given back trainable
-    assert json.loads((tmp_path / "run" / "done.json").read_text())["train_vision"] is False
-    trained = sft.train_sft(models.load_vlm(base_dir), items[:8], variant="think", steps=3, lr=1e-2, batch_size=4,
-                            image_size=SIZE, out_dir=tmp_path / "run2")
+    assert sft.read_run(tmp_path / "run")["train_vision"] is False
+    trained = sft.train_sft(models.load_vlm(base_dir), items[:8], SFTRecipe(steps=3, lr=1e-2, batch_size=4),
+                            variant="think", image_size=SIZE, out_dir=tmp_path / "run2")
     assert any(".visual." in k and not torch.equal(v, before[k]) for k, v in _weights(trained).items())
-    assert "train_vision" not in json.loads((tmp_path / "run2" / "done.json").read_text())
+    assert sft.read_run(tmp_path / "run2")["train_vision"] is True  # the recipe's default, recorded
 
 
 def test_a_fixed_vision_tower_embeds_each_image_once_with_the_same_result(items, base_dir, tmp_path, monkeypatch):
     """With the vision tower fixed, training reads each image's embeddings from a cache: every image is
     loaded and embedded once, and the weights are bit for bit those of embedding every batch anew."""
-    kw = dict(variant="nothink", steps=6, lr=1e-2, batch_size=4, image_size=SIZE, train_vision=False)
+    recipe = SFTRecipe(steps=6, lr=1e-2, batch_size=4, train_vision=False)
+    kw = dict(variant="nothink", image_size=SIZE)
     loads = []
     real_load = data.load_images
     monkeypatch.setattr(data, "load_images", lambda its, **k: loads.extend(it.image_path for it in its) or real_load(its, **k))
-    cached = sft.train_sft(models.load_vlm(base_dir), items[:6], out_dir=tmp_path / "cached", **kw)
+    cached = sft.train_sft(models.load_vlm(base_dir), items[:6], recipe, out_dir=tmp_path / "cached", **kw)
     assert len(loads) == len(set(loads)) == len({it.image_path for it in items[:6]})  # 24 draws, each image once
     monkeypatch.setattr(sft, "cached_image_embeds", lambda vlm, its, size, cache: data.load_images(its, size=size))
     before = len(loads)
-    anew = sft.train_sft(models.load_vlm(base_dir), items[:6], out_dir=tmp_path / "anew", **kw)
+    anew = sft.train_sft(models.load_vlm(base_dir), items[:6], recipe, out_dir=tmp_path / "anew", **kw)
     assert len(loads) - before == 6 * 4  # this run loaded every batch's images
     assert all(torch.equal(v, _weights(anew)[k]) for k, v in _weights(cached).items())
 
 
-def test_ensure_sft_shares_one_base_and_caches(items, tmp_path, monkeypatch):
+def test_zoo_sft_shares_one_base_and_caches(items, tmp_path, monkeypatch):
     builds = []
     orig = models.build_tiny_vlm
     monkeypatch.setattr(models, "build_tiny_vlm", lambda *a, **k: builds.append(1) or orig(*a, **k))
-    kw = dict(image_size=SIZE, steps=2, lr=1e-3, batch_size=2, model_kwargs=TINY)
-    think = sft.ensure_sft(tmp_path, "think", items, **kw)
-    nothink = sft.ensure_sft(tmp_path, "nothink", items, **kw)
+    cfg = _cfg(tmp_path, items)
+    think = zoo.load("sft-think", cfg)
+    nothink = zoo.load("sft-nothink", cfg)
     assert len(builds) == 1  # one base, one tokenizer for both variants
     assert think.tokenizer.get_vocab() == nothink.tokenizer.get_vocab()
     for v in ("think", "nothink"):
-        assert json.loads((tmp_path / f"sft-{v}" / "done.json").read_text())["variant"] == v
+        assert sft.read_run(zoo.run_dir(f"sft-{v}", cfg) / "train")["variant"] == v
+        assert zoo.is_trained(f"sft-{v}", cfg)
 
-    def no_training(*a, **k):
-        raise AssertionError("should load the cached model")
-
-    monkeypatch.setattr(sft, "train_sft", no_training)
-    again = sft.ensure_sft(tmp_path, "think", items, **kw)
+    CountingSFT(monkeypatch, fail=True)
+    again = zoo.load("sft-think", cfg)
     assert all(torch.equal(a, b) for a, b in zip(_weights(again).values(), _weights(think).values()))
     with pytest.raises(AssertionError, match="cached"):  # other settings: trained afresh
-        sft.ensure_sft(tmp_path, "think", items, **{**kw, "steps": 3, "lr": 2e-3})
-    with pytest.raises(AssertionError, match="cached"):  # a fixed tower is another run
-        sft.ensure_sft(tmp_path, "think", items, **kw, train_vision=False)
+        zoo.ensure("sft-think", _cfg(tmp_path, items, sft__think__steps=3, sft__think__lr=2e-3))
+    with pytest.raises(AssertionError, match="cached"):  # a fixed (or trained) tower is another run
+        zoo.ensure("sft-think", _cfg(tmp_path, items, sft__think__train_vision=not cfg.sft.think.train_vision))
+    assert len(builds) == 1  # the base itself was not rebuilt for either
 
 
-def test_base_id_matches_the_recorded_tag(items, tmp_path):
-    kw = dict(image_size=SIZE, steps=1, lr=1e-3, batch_size=2, model_kwargs=TINY)
-    sft.ensure_sft(tmp_path, "nothink", items, **kw)
-    done = json.loads((tmp_path / "sft-nothink" / "done.json").read_text())
-    assert done["tag"] == {"base": sft.base_id(tmp_path)}
+def test_sft_key_records_the_base_it_starts_from(items, tmp_path):
+    """An SFT model's cache key holds its base's key: the run records which base it was trained from,
+    and another base (here: more copy steps) is another SFT model."""
+    cfg = _cfg(tmp_path, items, sft__nothink__steps=1)
+    zoo.ensure("sft-nothink", cfg)
+    done, base_done = runs.read_done(zoo.run_dir("sft-nothink", cfg)), runs.read_done(zoo.run_dir("base", cfg))
+    assert done["fingerprint"] == zoo.fingerprint("sft-nothink", cfg)
+    assert done["key"]["parent"] == base_done["key"] and base_done["fingerprint"] == zoo.fingerprint("base", cfg)
+    other = _cfg(tmp_path, items, sft__nothink__steps=1, model__tiny__copy_steps=6)
+    assert zoo.key("sft-nothink", other)["parent"] != zoo.key("sft-nothink", cfg)["parent"]
+    assert not zoo.is_trained("sft-nothink", other) and not zoo.is_trained("base", other)
 
 
 def test_base_pretrains_copying_and_the_vision_tower_on_scene_labels_only(items, base_dir, tmp_path):
-    done = json.loads((base_dir.parent / "done.json").read_text())
-    assert (done["copy_steps"], done["vision_steps"]) == (sft.BASE_COPY_STEPS, sft.BASE_VISION_STEPS)
+    tiny = config.TinyBase(**TINY)
+    plan = base.plan(items, tiny, image_size=SIZE, seed=0)
+    assert (plan["recipe"]["copy_steps"], plan["recipe"]["vision_steps"]) == (400, 2000)  # the defaults
+    assert plan["recipe"]["position_weight"] == config.TinyBase().position_weight == 1.0
+    assert json.loads((base_dir.parent / "copy_log.json").read_text())[-1]["step"] == tiny.copy_steps
     log = json.loads((base_dir.parent / "vision_log.json").read_text())
-    assert log[-1]["step"] == sft.BASE_VISION_STEPS and log[-1]["loss"] < log[0]["loss"] / 2
+    assert log[-1]["step"] == tiny.vision_steps and log[-1]["loss"] < log[0]["loss"] / 2
     assert {"where_accuracy", "position_accuracy"} <= set(log[-1])  # lesion quadrants and token positions
-    assert done["vision_recipe"]["position_weight"] == sft.BASE_POSITION_WEIGHT
     # a copy without the scene metadata (as a real OmniMedVQA root): no labels, no vision pretraining
     bare = tmp_path / "bare"
-    shutil.copytree(sft.benchmark_root(items[0]), bare, ignore=shutil.ignore_patterns(synth.SCENES_FILE))
-    assert sft._base_plan(data.load_omnimedvqa(bare), SIZE, 0, TINY)[2]["vision_steps"] == 0
-    assert sft._base_plan(items, SIZE, 0, TINY, vision_steps=5)[2]["vision_steps"] == 5
+    shutil.copytree(benchmark_root(items[0]), bare, ignore=shutil.ignore_patterns(synth.SCENES_FILE))
+    assert base.plan(data.load_omnimedvqa(bare), tiny, image_size=SIZE, seed=0)["recipe"]["vision_steps"] == 0
+    five = config.TinyBase(**TINY, vision_steps=5)
+    assert base.plan(items, five, image_size=SIZE, seed=0)["recipe"]["vision_steps"] == 5
 
 
 # --------------------------------------------------------------------------- adversarial SFT
@@ -242,7 +287,7 @@ def test_adversarial_images_attack_the_first_fraction_within_the_ball(items, bas
     vlm = models.load_vlm(base_dir)
     batch = items[:4]
     images = data.load_images(batch, size=SIZE)
-    targets = sft.sft_target_list(batch, "think")
+    targets = sft_target_list(batch, "think")
     eps = 8 / 255
     vlm.model.train()
     x = sft.adversarial_images(vlm, images, batch, targets, prompt="think",
@@ -260,97 +305,126 @@ def test_adversarial_images_attack_the_first_fraction_within_the_ball(items, bas
 
 
 def test_adversarial_sft_records_its_attack_and_resumes_exactly(items, base_dir, tmp_path, monkeypatch):
-    kw = dict(variant="think", steps=4, lr=2e-3, batch_size=2, image_size=SIZE, log_every=1, save_every=2,
+    recipe = SFTRecipe(steps=4, lr=2e-3, batch_size=2)
+    kw = dict(variant="think", image_size=SIZE, log_every=1, save_every=2,
               adversarial={"eps": 4 / 255, "steps": 2, "fraction": 1.0})
-    reference = sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "a", **kw)
-    done = json.loads((tmp_path / "a" / "done.json").read_text())
-    assert done["adversarial"] == sft.adversarial_settings(kw["adversarial"])
-    plain = sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "plain",
+    reference = sft.train_sft(models.load_vlm(base_dir), items, recipe, out_dir=tmp_path / "a", **kw)
+    assert sft.read_run(tmp_path / "a")["adversarial"] == sft.adversarial_settings(kw["adversarial"])
+    plain = sft.train_sft(models.load_vlm(base_dir), items, recipe, out_dir=tmp_path / "plain",
                           **{**kw, "adversarial": None})
-    assert "adversarial" not in json.loads((tmp_path / "plain" / "done.json").read_text())
+    assert sft.read_run(tmp_path / "plain")["adversarial"] is None
     ref, other = _weights(reference), _weights(plain)
     assert any(not torch.equal(ref[k], other[k]) for k in ref)  # the attack changed what was learnt
 
     # 3 calls per attacked step (2 PGD steps + the SFT loss); die in step 3, resume from step 2
     CountingNLL(monkeypatch, fail_at=7)
     with pytest.raises(KeyboardInterrupt):
-        sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "b", **kw)
+        sft.train_sft(models.load_vlm(base_dir), items, recipe, out_dir=tmp_path / "b", **kw)
     resumed = CountingNLL(monkeypatch)
-    vlm = sft.train_sft(models.load_vlm(base_dir), items, out_dir=tmp_path / "b", **kw)
+    vlm = sft.train_sft(models.load_vlm(base_dir), items, recipe, out_dir=tmp_path / "b", **kw)
     assert resumed.calls == 6  # steps 3 and 4 only
     got = _weights(vlm)
     assert all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref)
     with pytest.raises(ValueError, match="different run"):  # another attack is another run
-        sft.train_sft(vlm, items, out_dir=tmp_path / "b", **{**kw, "adversarial": {"eps": 8 / 255}})
+        sft.train_sft(vlm, items, recipe, out_dir=tmp_path / "b", **{**kw, "adversarial": {"eps": 8 / 255}})
 
 
-def test_ensure_adversarial_sft_starts_from_the_given_model_and_caches(items, base_dir, tmp_path, monkeypatch):
-    starts = []
+def test_zoo_adversarial_sft_starts_from_its_sft_model_and_caches(items, tmp_path, monkeypatch):
+    """``sftat-<m>`` trains from ``sft-<m>`` (the start is loaded only to train) with the profile's
+    training attack; cached afterwards; another start (another SFT recipe) trains it afresh."""
+    loads, real_load = [], zoo.load
 
-    def start():
-        starts.append(1)
-        return models.load_vlm(base_dir)
+    def counting_load(name, cfg, **kw):
+        loads.append(str(name))
+        return real_load(name, cfg, **kw)
 
-    kw = dict(image_size=SIZE, steps=2, lr=1e-3, batch_size=2, start=start, start_id="base-0",
-              adversarial={"eps": 4 / 255, "steps": 1})
-    first = sft.ensure_adversarial_sft(tmp_path, "nothink", items, **kw)
-    done = json.loads((tmp_path / "sftat-nothink" / "done.json").read_text())
-    assert starts == [1] and done["tag"] == {"start": "base-0"} and done["adversarial"]["eps"] == 4 / 255
-    again = sft.ensure_adversarial_sft(tmp_path, "nothink", items, **kw)
-    assert starts == [1]  # cached: the start model is not even loaded
-    assert all(torch.equal(a, b) for a, b in zip(_weights(again).values(), _weights(first).values()))
-    sft.ensure_adversarial_sft(tmp_path, "nothink", items, **{**kw, "start_id": "another"})
-    assert starts == [1, 1]  # another starting point: trained afresh
+    monkeypatch.setattr(zoo, "load", counting_load)  # what zoo.ensure loads to start training from
+    cfg = _cfg(tmp_path, items, safemed__at_sft__steps=2, safemed__at_sft__batch_size=2,
+               safemed__train_attack__eps=4)
+    trained = CountingSFT(monkeypatch)
+    zoo.ensure("sftat-nothink", cfg)
+    assert loads == ["sft-nothink", "base"] and [c["variant"] for c in trained.calls] == ["nothink", "nothink"]
+    start = _weights(models.load_vlm(zoo.ensure("sft-nothink", cfg)))
+    assert all(torch.equal(start[k], v) for k, v in trained.calls[1]["start"].items())  # trained from sft-nothink
+    run = sft.read_run(zoo.run_dir("sftat-nothink", cfg) / "train")
+    assert run["adversarial"]["eps"] == 4 / 255 and run["adversarial"]["steps"] == cfg.safemed.train_attack.steps
+    assert run["steps"] == 2 and zoo.key("sftat-nothink", cfg)["parent"] == zoo.key("sft-nothink", cfg)
+    first = _weights(real_load("sftat-nothink", cfg))
+    n_loads = len(loads)
+    again = zoo.load("sftat-nothink", cfg)
+    assert loads[n_loads:] == ["sftat-nothink"] and len(trained.calls) == 2  # cached: the start is not loaded
+    assert all(torch.equal(first[k], v) for k, v in _weights(again).items())
+    other = _cfg(tmp_path, items, safemed__at_sft__steps=2, safemed__at_sft__batch_size=2,
+                 safemed__train_attack__eps=4, sft__nothink__steps=3)
+    zoo.ensure("sftat-nothink", other)
+    assert len(trained.calls) == 4 and "sft-nothink" in loads[n_loads + 1:]  # another start: trained afresh
 
 
 def test_variants_trained_in_parallel_processes_equal_sequential_training(items, tmp_path):
-    kw = dict(image_size=SIZE, steps=3, lr=1e-3, batch_size=2, model_kwargs=TINY, nothink_steps=4,
-              nothink_binding_aux={"attention": 2})
-    seq = sft.ensure_sft_variants(tmp_path / "seq", ["think", "nothink"], items, workers=1, **kw)
-    par = sft.ensure_sft_variants(tmp_path / "par", ["think", "nothink"], items, workers=2, **kw)
+    """``baseline.train`` with ``sft.workers`` 2 (one process per variant) gives the very weights of
+    training one after the other; the runs are then the zoo's cached models."""
+    from safemed_lib.experiments import baseline
+
+    over = dict(sft__think__steps=3, sft__nothink__steps=4, sft__nothink__binding={"attention": 2})
+    seq = baseline.train(_cfg(tmp_path / "seq", items, sft__workers=1, **over))
+    par_cfg = _cfg(tmp_path / "par", items, sft__workers=2, **over)
+    par = baseline.train(par_cfg)
+    assert set(seq) == set(par) == {"think", "nothink"}
     for v in ("think", "nothink"):
         a, b = _weights(seq[v]), _weights(par[v])
         assert all(torch.equal(a[k], b[k]) for k in a), v
-    think, nothink = (json.loads((tmp_path / "par" / f"sft-{v}" / "done.json").read_text()) for v in ("think", "nothink"))
-    assert think["steps"] == 3 and "binding_aux" not in think
+    think, nothink = (sft.read_run(zoo.run_dir(f"sft-{v}", par_cfg) / "train") for v in ("think", "nothink"))
+    assert think["steps"] == 3 and think["binding_aux"] is None
     assert nothink["steps"] == 4 and nothink["binding_aux"]["attention"] == 2.0
-    # a notebook that loads one variant through variant_kwargs gets the cached run, not a retrained one
-    mtime = (tmp_path / "par" / "sft-nothink" / "done.json").stat().st_mtime_ns
-    again = sft.ensure_sft(tmp_path / "par", "nothink", items, **sft.variant_kwargs("nothink", **kw))
-    assert (tmp_path / "par" / "sft-nothink" / "done.json").stat().st_mtime_ns == mtime
+    # a notebook that loads one variant through the zoo gets the cached run, not a retrained one
+    done = zoo.run_dir("sft-nothink", par_cfg) / runs.DONE
+    mtime = done.stat().st_mtime_ns
+    again = zoo.load("sft-nothink", par_cfg)
+    assert done.stat().st_mtime_ns == mtime
     assert all(torch.equal(x, y) for x, y in zip(_weights(again).values(), _weights(par["nothink"]).values()))
-    with pytest.raises(ValueError, match="workers"):
-        sft.ensure_sft_variants(tmp_path / "x", ["think"], items, workers=0, **kw)
+    with pytest.raises(config.ConfigError, match="workers"):
+        _cfg(tmp_path / "x", items, sft__workers=0)
 
 
-def test_variant_kwargs_gives_nothink_its_own_steps_and_binding():
-    kw = dict(steps=10, lr=1e-3, nothink_steps=None, nothink_binding_aux=True)
-    assert sft.variant_kwargs("think", **kw) == {"steps": 10, "lr": 1e-3}
-    assert sft.variant_kwargs("nothink", **kw) == {"steps": 10, "lr": 1e-3, "binding_aux": True, "train_threads": None,
-                                                   "weight_decay": 0.0}
-    assert sft.variant_kwargs("nothink", **{**kw, "nothink_weight_decay": 0.1})["weight_decay"] == 0.1
-    assert "weight_decay" not in sft.variant_kwargs("think", **{**kw, "nothink_weight_decay": 0.1})
-    assert sft.variant_kwargs("nothink", **{**kw, "nothink_steps": 40})["steps"] == 40
-    assert sft.variant_kwargs("nothink", **{**kw, "nothink_threads": 2})["train_threads"] == 2
-    assert "train_threads" not in sft.variant_kwargs("think", **{**kw, "nothink_threads": 2})
+def test_each_variant_has_its_own_recipe():
+    """The nothink recipe (its own steps, binding terms, weight decay and threads) is nothink's alone:
+    the think recipe has none of them."""
+    think, nothink = config.Config().sft.think, config.Config().sft.nothink
+    assert (think.binding, think.weight_decay, think.threads) == (None, 0.0, None)
+    assert nothink.binding == config.Binding(content=1.0, scene=1.0) and nothink.binding.attention == 1.0
+    assert (nothink.steps, nothink.weight_decay, nothink.threads) == (10000, 0.3, 2)
+    assert think.steps == 2500 and think.train_vision is nothink.train_vision is False
+    assert SFTRecipe(binding=True).binding == config.Binding() and SFTRecipe(binding=False).binding is None
 
 
-def test_ensure_sft_trains_on_its_own_threads_and_restores_the_process_setting(items, tmp_path, monkeypatch):
-    seen = []
-    real = sft.train_sft
+def test_nothink_recipe_changes_only_the_nothink_model(items, tmp_path):
+    cfg = _cfg(tmp_path, items)
+    other = _cfg(tmp_path, items, sft__nothink__weight_decay=0.1, sft__nothink__steps=40)
+    assert zoo.key("sft-think", other) == zoo.key("sft-think", cfg)
+    assert zoo.key("sft-nothink", other) != zoo.key("sft-nothink", cfg)
+    assert zoo.key("sft-nothink", other)["recipe"]["weight_decay"] == 0.1
+    assert zoo.key("sft-nothink", other)["recipe"]["steps"] == 40
 
-    def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return real(*args, **kwargs)
-    monkeypatch.setattr(sft, "train_sft", spy)
-    kw = dict(image_size=SIZE, steps=2, lr=1e-3, batch_size=2, model_kwargs=TINY)
+
+def test_zoo_trains_on_the_recipes_threads_and_restores_the_process_setting(items, tmp_path, monkeypatch):
     before = torch.get_num_threads()
-    sft.ensure_sft(tmp_path, "nothink", items, train_threads=before + 1, **kw)
-    assert seen == [before + 1] and torch.get_num_threads() == before
-    sft.ensure_sft(tmp_path, "nothink", items, train_threads=before + 2, **kw)
-    assert seen == [before + 1]  # other threads, same recipe: the cached run is loaded
-    with pytest.raises(ValueError, match="train_threads must be an integer >= 1"):
-        sft.ensure_sft(tmp_path / "x", "nothink", items, train_threads=0, **kw)
+    cfg = _cfg(tmp_path, items, sft__nothink__threads=before + 1)
+    more = _cfg(tmp_path, items, sft__nothink__threads=before + 2)
+    assert zoo.key("sft-nothink", cfg) == zoo.key("sft-nothink", more)  # threads are not part of the key
+    assert zoo.key("sft-nothink", _cfg(tmp_path, items, sft__nothink__threads=1)) == \
+        zoo.key("sft-nothink", _cfg(tmp_path, items, sft__nothink__threads=2))
+    spy = CountingSFT(monkeypatch)
+    zoo.ensure("sft-nothink", cfg)
+    assert [c["threads"] for c in spy.calls] == [before + 1] and torch.get_num_threads() == before
+    zoo.ensure("sft-nothink", more)
+    assert len(spy.calls) == 1  # other threads, same recipe: the cached run is found
+    assert torch.get_num_threads() == before
+    failing = CountingSFT(monkeypatch, fail=True)  # a run that fails gives the threads back too
+    with pytest.raises(AssertionError):
+        zoo.ensure("sft-nothink", _cfg(tmp_path, items, sft__nothink__threads=before + 1, sft__nothink__steps=3))
+    assert [c["threads"] for c in failing.calls] == [before + 1] and torch.get_num_threads() == before
+    with pytest.raises(config.ConfigError, match="threads"):
+        _cfg(tmp_path, items, sft__nothink__threads=0)
     assert torch.get_num_threads() == before
 
 
@@ -386,11 +460,11 @@ def test_option_check_repeats_the_conclusions_tokens(items, base_dir):
     rationale's conclusion ends with (``... So it is in the left upper zone. Options: A) left upper zone yes``);
     in the prompt's glued form ``A)left`` the first word would be another token."""
     tok = models.load_vlm(base_dir).tokenizer
-    scenes = sft.scenes_for(items)
+    scenes = scenes_for(items)
     multi = [(it, sc) for it, sc in zip(items, scenes) if " " in it.answer_text]
     assert multi, "the fixture needs multi-word answers"
     for it, scene in multi:
-        ids = tok(sft.think_rationale(it, scene), add_special_tokens=False)["input_ids"]
+        ids = tok(think_rationale(it, scene), add_special_tokens=False)["input_ids"]
         words = tok(" " + it.answer_text, add_special_tokens=False)["input_ids"]
         hits = [i for i in range(len(ids) - len(words) + 1) if ids[i:i + len(words)] == words]
         assert len(hits) >= 2, (it.question_id, tok.convert_ids_to_tokens(ids))
@@ -399,16 +473,17 @@ def test_option_check_repeats_the_conclusions_tokens(items, base_dir):
 
 
 def test_vision_pretraining_gets_its_own_generated_images(items, tmp_path):
-    """The base's vision pretraining sees a second generated set, BASE_PRETRAIN_IMAGES times the
+    """The base's vision pretraining sees a second generated set, ``TinyBase.pretrain_images`` times the
     benchmark's size and from another seed: never one of the benchmark's images."""
-    _, _, meta = sft._base_plan(items, SIZE, 0, None)
-    bench = synth.read_stamp(sft.benchmark_root(items[0]))
-    spec = meta["pretrain_images"]
-    assert spec == {"n_images": sft.BASE_PRETRAIN_IMAGES * bench["n_images"],
-                    "seed": bench["seed"] + sft.PRETRAIN_SEED_OFFSET, "size": SIZE}
-    extra = sft.pretrain_images(tmp_path, spec)
+    tiny = config.TinyBase()
+    bench = synth.read_stamp(benchmark_root(items[0]))
+    spec = base.plan(items, tiny, image_size=SIZE, seed=0)["pretrain_images"]
+    assert spec == {"n_images": tiny.pretrain_images * bench["n_images"],
+                    "seed": bench["seed"] + tiny.pretrain_seed_offset, "size": SIZE}
+    assert (tiny.pretrain_images, tiny.pretrain_seed_offset) == (3, 7)  # the measured setting
+    extra = base.pretrain_items(tmp_path, spec)
     assert len({str(it.image_path) for it in extra}) == spec["n_images"]
-    own = {p.read_bytes() for p in (sft.benchmark_root(items[0]) / "Images").rglob("*.png")}
+    own = {p.read_bytes() for p in (benchmark_root(items[0]) / "Images").rglob("*.png")}
     assert not own & {Path(it.image_path).read_bytes() for it in extra}
     # without vision steps (e.g. real OmniMedVQA) there is no such set
-    assert "pretrain_images" not in sft._base_plan(items, SIZE, 0, None, vision_steps=0)[2]
+    assert "pretrain_images" not in base.plan(items, config.TinyBase(vision_steps=0), image_size=SIZE, seed=0)

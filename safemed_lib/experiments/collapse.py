@@ -105,9 +105,10 @@ def claim(cfg, results: pd.DataFrame, attacked_items: list) -> dict:
     most half the clean accuracy for each of them (``report.record_claim`` arguments)."""
     _, main = grid(cfg)
     a = cfg.attack
-    by_model = {name: (results.query("model == @name and attack == 'clean'")["correct"].mean() * 100,
-                       results.query("model == @name and attack == @main")["correct"].mean() * 100)
-                for name in a.models}
+    def acc(name, attack):
+        return results[(results["model"] == name) & (results["attack"] == attack)]["correct"].mean() * 100
+
+    by_model = {name: (acc(name, "clean"), acc(name, main)) for name in a.models}
     ours = "; ".join(f"{name}: {c:.1f}% clean -> {x:.1f}% under PGD {a.eps:g}/255" for name, (c, x) in by_model.items())
     chance = 100 * baselines.chance_level(attacked_items)
     judged = {n: (c, x) for n, (c, x) in by_model.items() if report.reads_image(c, chance)}

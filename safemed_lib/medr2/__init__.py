@@ -79,7 +79,7 @@ strict validation by :func:`load_stepwise`; a Med-R2 release can be converted in
 
 ``question_type`` may be left out for this project's four stage names (the table above gives it).
 
-Stepwise fine-tuning (:func:`training_items`, :func:`ensure_r2_sft`): the same images and stage
+Stepwise fine-tuning (:func:`training_items`; the zoo's ``r2-stepwise`` and ``r2-plain``): the same images and stage
 questions, either each stage conditioned on the previous stages' gold answers ("stepwise") or asked
 alone ("plain"), trained with ``sft.train_sft``'s loop (no-think targets).
 

@@ -203,5 +203,9 @@ def cases_for(cfg) -> tuple[list[StepwiseCase], list[StepwiseCase]]:
     """(train, test) cases of a profile: ``medr2.stepwise_json`` if given, else generated from the
     embedded benchmark of ``medr2.n_images`` images (0: ``data.n_images``)."""
     m = cfg.medr2
-    return benchmark_cases(cfg.bench_dir, m.n_images or cfg.data.n_images, cfg.data.image_size, cfg.seed,
-                           stepwise_json=m.stepwise_json, image_root=m.image_root, test_frac=cfg.data.test_frac)
+    n = m.n_images or cfg.data.n_images
+    # the profile's own benchmark when it is the same size, else a folder of its own (never regenerate
+    # the benchmark the other notebooks read in place)
+    folder = cfg.bench_dir if n == cfg.data.n_images else cfg.bench_dir.with_name(f"{cfg.bench_dir.name}-medr2-{n}")
+    return benchmark_cases(folder, n, cfg.data.image_size, cfg.seed, stepwise_json=m.stepwise_json,
+                           image_root=m.image_root, test_frac=cfg.data.test_frac)

@@ -60,7 +60,7 @@ def build_tiny_vlm(corpus: Sequence[str], seed: int = 0, *, arch: str = "qwen2_v
     caller's global RNG is left untouched). ``image_size`` is recorded as the model's image side.
     ``rope_theta``: the language model's rotary base; M-RoPE gives the width section the lowest
     frequencies, so at 1e4 and a head size of 32 the language model barely tells image columns apart
-    (docs/tiny_model_learnability.md, ninth round, measured 10 and 100: no gain).
+    (docs/lab_notes.md, What the tiny model needs to read the image; measured 10 and 100: no gain).
     """
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as IP
 

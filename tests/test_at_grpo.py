@@ -1,0 +1,167 @@
+"""AT-GRPO (at_grpo.py): the adversarial settings and schedule, and ATGRPOTrainer's hooks on TRL's GRPOTrainer.
+
+The model is the tiny Qwen2-VL-architecture model at 56x56 on toy images, warmed up with a few
+SFT steps (no-think targets) so that GRPO's rollouts sometimes match the format. The hook tests
+fail loudly if TRL stops calling the overridden private methods, if the policy-gradient loss does
+not see the attacked images, or if the copies of a question in its group see different images.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from trl import GRPOTrainer
+
+from safemed_lib import at_grpo, data, grpo, models, sft
+from safemed_lib.config import GRPORecipe, SFTRecipe
+
+SIZE = 56
+EPS = 8 / 255
+
+
+def _items(tmp: Path, n: int = 8, prefix: str = "q") -> list[data.VQAItem]:
+    rng = np.random.default_rng(len(prefix))
+    out = []
+    for i in range(n):
+        p = tmp / f"{prefix}im{i}.png"
+        # the answer is visible: a bright image means A, a dark one B, mid grey C
+        level = (200, 40, 120)[i % 3]
+        arr = np.clip(level + rng.integers(-30, 30, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(p)
+        out.append(data.VQAItem(question_id=f"{prefix}{i}", dataset="toy", image_path=p,
+                                question="How bright is the image?", options=["bright", "dark", "grey"],
+                                answer="ABC"[i % 3], modality=data.MODALITIES[i % 2],
+                                question_type="Modality Recognition"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """(items, a warmed-up model saved on disk): load a fresh copy per test with _fresh()."""
+    tmp = tmp_path_factory.mktemp("atgrpo")
+    items = _items(tmp)
+    torch.manual_seed(0)
+    vlm = models.build_tiny_vlm([f"{it.question} {' '.join(it.options)}" for it in items] * 5,
+                                image_size=SIZE, hidden_size=64)
+    vlm = sft.train_sft(vlm, items, SFTRecipe(steps=40, lr=1e-2, batch_size=8), variant="nothink",
+                        image_size=SIZE, out_dir=tmp / "sft", log_every=5)
+    return items, vlm.save(tmp / "warm")
+
+
+def _fresh(toy):
+    return models.load_vlm(toy[1], image_size=SIZE)
+
+
+# --------------------------------------------------------------------------- settings and schedule
+def test_adversarial_schedule_and_validation():
+    cfg = at_grpo.AdversarialConfig(eps=8 / 255, alpha=2 / 255, clean_steps=2, ramp_steps=4)
+    assert cfg.schedule(0) == (0.0, 2 / 255) and cfg.schedule(1)[0] == 0.0
+    eps = [cfg.schedule(s)[0] for s in range(2, 8)]
+    assert eps == pytest.approx([8 / 255 * k / 4 for k in (1, 2, 3, 4)] + [8 / 255] * 2)
+    assert cfg.schedule(3)[1] == pytest.approx(1 / 255)  # alpha ramps with eps
+    assert at_grpo.as_adversarial({"eps": 0.01, "fraction": 1.0}).fraction == 1.0
+    assert at_grpo.as_adversarial(None) is None and at_grpo.as_adversarial(cfg) is cfg
+    for bad in ({"norm": "l1"}, {"fraction": 1.5}, {"steps": 0}, {"eps": -1.0}, {"target": "x"}):
+        with pytest.raises(ValueError):
+            at_grpo.AdversarialConfig(**bad)
+    with pytest.raises(ValueError, match="unknown keys"):
+        at_grpo.as_adversarial({"epsilon": 0.1})
+
+
+# --------------------------------------------------------------------------- the trainer's hooks
+class _Spy(at_grpo.ATGRPOTrainer):
+    """Records the pixel values the policy-gradient loss sees."""
+
+    seen: list = []
+
+    def _compute_loss(self, model, inputs):
+        _Spy.seen.append((inputs["pixel_values"].detach().clone(), inputs["image_grid_thw"].clone()))
+        return super()._compute_loss(model, inputs)
+
+
+def _at_trainer(vlm, items, out_dir, cls=at_grpo.ATGRPOTrainer, **adv):
+    recipe = GRPORecipe(steps=1, lr=1e-3, num_generations=4, batch_size=8, beta=0.0, temperature=1.0,
+                        max_completion_length=6)
+    cfg = grpo.grpo_config(out_dir, recipe, seed=0, device="cpu", save_steps=10)
+    return cls(model=vlm.model, reward_funcs=grpo.reward_funcs("nothink"), args=cfg,
+               train_dataset=grpo.build_dataset(items, "nothink", SIZE), processing_class=vlm.processor,
+               vlm=vlm, items=items, mode="nothink",
+               adversarial=at_grpo.AdversarialConfig(**{"eps": EPS, "alpha": 2 / 255, "steps": 2, **adv}))
+
+
+def test_at_grpo_hook_is_called_and_loss_sees_adversarial_pixels(toy, tmp_path):
+    """Fails loudly if TRL stops calling the overridden private hooks, or if the images the
+    policy-gradient loss sees are not the attacked ones."""
+    items = toy[0]
+    vlm = _fresh(toy)
+    _Spy.seen = []
+    trainer = _at_trainer(vlm, items, tmp_path, cls=_Spy, fraction=1.0)
+    trainer.train()
+    assert trainer.hook_calls == {"generate_and_score": 1, "calculate_rewards": 1}, trainer.hook_calls
+    assert trainer.attacked_images == 2  # 8 completions = 2 questions x 4, all attacked
+    (pv, grid), = _Spy.seen
+    # every image in the loss batch differs from its clean version, by at most eps in pixel space
+    clean_pv = {}
+    for q, it in trainer.items.items():
+        clean_pv[q] = vlm.preprocess(data.load_image(it.image_path, SIZE)[None])[0]
+    rows = pv.split([int(g.prod()) for g in grid])
+    std = torch.tensor(vlm.processor.image_processor.image_std).repeat_interleave(2 * 14 * 14)
+    for r in rows:
+        diffs = {q: ((r - c) * std).abs().max().item() for q, c in clean_pv.items() if c.shape == r.shape}
+        q, d = min(diffs.items(), key=lambda kv: kv[1])
+        assert 0 < d <= EPS + 1e-5, (q, d)
+    m = trainer.state.log_history[0]
+    assert m["adv/fraction"] == 1.0 and m["rewards/adversarial"] is not None
+    assert m["adv/loss_adv"] > m["adv/loss_clean"]  # PGD raised the answer NLL
+
+
+def test_at_grpo_fails_loudly_when_hook_is_bypassed(toy, tmp_path, monkeypatch):
+    """Simulates a TRL release that no longer routes generation through the overridden method."""
+    items = toy[0]
+    orig = GRPOTrainer._prepare_inputs
+
+    def renamed(self, generation_batch):  # what a refactor would look like from our side
+        self._generate_and_score_completions = lambda b: GRPOTrainer._generate_and_score_completions(self, b)
+        self._calculate_rewards = lambda *a: GRPOTrainer._calculate_rewards(self, *a)
+        return orig(self, generation_batch)
+
+    monkeypatch.setattr(GRPOTrainer, "_prepare_inputs", renamed)
+    trainer = _at_trainer(_fresh(toy), items, tmp_path, fraction=1.0)
+    with pytest.raises(RuntimeError, match="did not call the hooks"):
+        trainer.train()
+
+
+def test_perturb_same_image_per_question_deterministic_and_in_ball(toy, tmp_path):
+    items = toy[0]
+    vlm = _fresh(toy)
+    trainer = _at_trainer(vlm, items, tmp_path, fraction=0.5)
+    trainer.model.train()
+    ds = grpo.build_dataset(items, "nothink", SIZE)
+    rows = [ds[i] for i in range(len(items)) for _ in range(4)]  # groups of 4 copies
+    out1 = trainer._perturb(copy.deepcopy(rows))
+    flags1 = list(trainer._adv_flags)
+    out2 = trainer._perturb(copy.deepcopy(rows))
+    assert flags1 == trainer._adv_flags and 0 < sum(flags1) < len(rows)
+    by_q: dict[str, list] = {}
+    for r, o1, o2, f in zip(rows, out1, out2, flags1):
+        a, b, clean = data.from_pil(o1["image"]), data.from_pil(o2["image"]), data.from_pil(r["image"])
+        assert torch.equal(a, b)  # deterministic in (seed, step, question)
+        by_q.setdefault(r["question_id"], []).append(a)
+        delta = (a - clean).abs().max().item()
+        assert (0 < delta <= EPS + 1e-6) if f else delta == 0
+    for imgs in by_q.values():  # every copy of a question carries the same image
+        assert all(torch.equal(imgs[0], im) for im in imgs)
+
+
+def test_train_grpo_with_adversarial_uses_the_at_trainer(toy, tmp_path):
+    """grpo.train_grpo with an ``adversarial`` dict (pixel units) trains AT-GRPO: the attack's columns are logged."""
+    recipe = GRPORecipe(steps=1, lr=1e-3, num_generations=4, batch_size=8, beta=0.0, max_completion_length=6)
+    vlm = grpo.train_grpo(_fresh(toy), toy[0], recipe, mode="nothink", out_dir=tmp_path / "at",
+                          adversarial={"eps": EPS, "alpha": 2 / 255, "steps": 1, "fraction": 1.0})
+    assert isinstance(vlm.trainer, at_grpo.ATGRPOTrainer) and vlm.trainer.attacked_images == 2
+    log = grpo.read_log(tmp_path / "at")
+    assert log["adv_eps"].iloc[-1] == pytest.approx(EPS) and log["adv_fraction"].iloc[-1] == 1.0

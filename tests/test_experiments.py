@@ -1,0 +1,198 @@
+"""The notebooks' experiment helpers: Med-R1's protocols (experiments/medr1.py), SafeMed-R1's table (experiments/safemed.py).
+
+The table functions are checked on hand-made numbers; the protocol and the robustness evaluation
+run on the smoke profile with a 16-image benchmark, a small base and 1-2 step recipes, with every
+model under a temporary folder, and are checked to read their cached results back without
+building a model.
+"""
+from __future__ import annotations
+
+import pickle
+
+import pandas as pd
+import pytest
+
+from safemed_lib import config, grpo, sft, zoo
+from safemed_lib.experiments import medr1, safemed
+
+
+# --------------------------------------------------------------------------- Med-R1: the tables
+def test_generalization_tests_pair_each_cell_with_the_base_and_sft():
+    qids = [f"q{i}" for i in range(10)]
+
+    def rows(method, group, correct):
+        return pd.DataFrame({"method": method, "train_group": group, "question_id": qids, "correct": correct})
+    res = pd.concat([rows("base", "(base)", [1] * 5 + [0] * 5),
+                     rows("SFT", "CT", [1] * 5 + [0] * 5), rows("GRPO", "CT", [1] * 10),
+                     rows("SFT", "MRI", [0] * 10), rows("GRPO", "MRI", [1] * 5 + [0] * 5)])
+    t = medr1.generalization_tests(res).set_index(["train_group", "comparison"])
+    assert list(t.index.get_level_values(0).unique()) == ["CT", "MRI"] and len(t) == 6
+    assert t.loc[("CT", "SFT - base"), "diff (points)"] == 0 and t.loc[("CT", "SFT - base"), "p_value"] == 1.0
+    assert t.loc[("CT", "GRPO - base"), "diff (points)"] == pytest.approx(50.0)
+    assert t.loc[("CT", "GRPO - base"), "p_value"] == pytest.approx(2 * 0.5 ** 5)   # 5 fixes, 0 flips
+    assert t.loc[("MRI", "SFT - base"), "diff (points)"] == pytest.approx(-50.0)
+    assert t.loc[("MRI", "GRPO - SFT"), "diff (points)"] == pytest.approx(50.0) and (t["n"] == 10).all()
+
+
+def _matrices(base: float, sft_: float, grpo_: float, groups=("CT", "MRI")) -> dict:
+    def m(v, index):
+        df = pd.DataFrame(v, index=pd.Index(index, name="train_group"), columns=list(groups))
+        return df.assign(All=df.mean(axis=1))
+    return {"base": m(base, ["(base)"]), "SFT": m(sft_, list(groups)), "GRPO": m(grpo_, list(groups))}
+
+
+def test_generalization_claims_material_gain_and_chance():
+    claims = medr1.generalization_claims({"modality": _matrices(40.0, 45.0, 52.0)}, chance=29.0, detail="640 Qs")
+    (c,) = claims
+    assert c["claim_id"] == "medr1.cross_modality_gain" and c["holds"] is True
+    assert c["ours"] == "GRPO - base +12.00 points (SFT - base +5.00; GRPO mean accuracy 52.0%)"
+    assert c["detail"].startswith("640 Qs; holds = GRPO at least 10 points above the base")
+    small = medr1.generalization_claims({"question_type": _matrices(40.0, 45.0, 45.0)}, chance=29.0)
+    assert [c["claim_id"] for c in small] == ["medr1.cross_qtype_gain"] and small[0]["holds"] is False
+    assert medr1.generalization_claims({"modality": _matrices(20.0, 30.0, 30.0)}, chance=29.0,
+                                       min_gain=5)[0]["holds"] is None  # GRPO at 30% with chance 29%: cannot tell
+    assert medr1.generalization_claims({"modality": _matrices(40.0, 45.0, 45.0)}, chance=29.0,
+                                       min_gain=5)[0]["holds"] is True
+
+
+def test_generalization_gains_by_hand():
+    cols = ["CT", "MRI"]
+    m = lambda rows: pd.DataFrame(rows, index=cols, columns=cols).assign(All=0.0)  # noqa: E731
+    mats = {"base": pd.DataFrame([[20.0, 40.0, 0.0]], index=["(base)"], columns=cols + ["All"]),
+            "SFT": m([[30.0, 40.0], [20.0, 50.0]]), "GRPO": m([[50.0, 60.0], [40.0, 70.0]])}
+    g = medr1.generalization_gains(mats)
+    assert g.loc["GRPO - base", "mean gain (points)"] == pytest.approx((30 + 20 + 20 + 30) / 4)
+    assert g.loc["GRPO - base", "diagonal (in-group) gain"] == pytest.approx((30 + 30) / 2)
+    assert g.loc["GRPO - base", "off-diagonal gain"] == pytest.approx((20 + 20) / 2)
+    assert g.loc["GRPO - SFT", "mean gain (points)"] == pytest.approx(20.0)
+
+
+# --------------------------------------------------------------------------- SafeMed-R1: the tables
+def test_robustness_summary_targets():
+    t = pd.DataFrame({"clean": [30.0, 25.0], "PGD": [5.0, 12.0]}, index=["SFT", "AT"])
+    row = safemed.robustness_summary(t, baseline="SFT", robust="AT").iloc[0]
+    assert row["PGD ratio"] == pytest.approx(2.4) and row["PGD ratio >= 2"] and row["clean drop <= 10"]
+    t.loc["AT", "clean"] = 10.0
+    assert not safemed.robustness_summary(t, baseline="SFT", robust="AT").iloc[0]["clean drop <= 10"]
+
+
+def test_robustness_claims_verdicts():
+    t = pd.DataFrame({"clean": [70.0, 65.0, 60.0, 58.0], "PGD": [30.0, 45.0, 20.0, 25.0]},
+                     index=["SFT-think", "AT-GRPO-think", "SFT-nothink", "AT-GRPO-nothink"])
+    c = {x["claim_id"]: x for x in safemed.robustness_claims(t, ["think", "nothink"], 28.0, detail="160 Qs")}
+    assert c["safemed.atgrpo_robust"]["holds"] is False  # +15 for think, +5 for nothink: not both >= 10
+    assert c["safemed.atgrpo_robust"]["ours"] == (
+        "AT-GRPO-think 65.0% clean / 45.0% PGD vs SFT-think 70.0% / 30.0%; "
+        "AT-GRPO-nothink 58.0% clean / 25.0% PGD vs SFT-nothink 60.0% / 20.0%")
+    assert c["safemed.atgrpo_robust"]["detail"].startswith("160 Qs; holds =")
+    assert c["safemed.cot_more_robust"]["holds"] is True  # 30 > 20 and 45 > 25
+    assert c["safemed.cot_more_robust"]["ours"] == ("SFT: think 30.0% vs nothink 20.0% under PGD; "
+                                                    "AT-GRPO: think 45.0% vs nothink 25.0% under PGD")
+    assert safemed.robustness_claims(t, ["think"], 28.0)[0]["holds"] is True  # think alone: +15
+    t.loc["SFT-nothink", "clean"] = 30.0  # within 10 points of chance: does not read the image
+    c = {x["claim_id"]: x for x in safemed.robustness_claims(t, ["think", "nothink"], 28.0)}
+    assert c["safemed.atgrpo_robust"]["holds"] is None and c["safemed.cot_more_robust"]["holds"] is None
+    c = {x["claim_id"]: x for x in safemed.robustness_claims(t.drop(index=["SFT-nothink", "AT-GRPO-nothink"]),
+                                                               ["think"], 28.0)}
+    assert c["safemed.cot_more_robust"] == dict(claim_id="safemed.cot_more_robust", holds=None,
+                                                ours="no think/nothink pair on this profile",
+                                                detail="PGD accuracy, same attack; chance 28.0%")
+
+
+# --------------------------------------------------------------------------- runs through the zoo
+@pytest.fixture(scope="module")
+def over(tmp_path_factory):
+    """Overrides of the smoke profile (nothink Med-R1): a 16-image benchmark and models under a
+    temporary folder, a small base, 1-2 step recipes, 4 evaluation questions."""
+    tmp = tmp_path_factory.mktemp("experiments")
+    return {"model.dir": str(tmp / "models"), "data.bench_dir": str(tmp / "bench"), "data.n_images": 16,
+            "model.tiny.copy_steps": 5, "model.tiny.vision_steps": 5, "sft.nothink.steps": 2,
+            "medr1.warmup.steps": 2, "medr1.sft.steps": 1, "medr1.grpo.steps": 1, "medr1.eval_n": 4,
+            "safemed.eval.n": 4, "safemed.eval.batch_size": 4}
+
+
+def _no_model(*_, **__):
+    raise AssertionError("the cached results should have been read back without building a model")
+
+
+@pytest.fixture()
+def no_training(monkeypatch):
+    """From here on, building or training a model fails the test."""
+    monkeypatch.setattr(zoo, "load", _no_model)
+    monkeypatch.setattr(zoo, "ensure", _no_model)
+    monkeypatch.setattr(sft, "train_sft", _no_model)
+    monkeypatch.setattr(grpo, "train_grpo", _no_model)
+
+
+@pytest.fixture(scope="module")
+def protocols(over):
+    """``medr1.run`` on the profile (both protocols; the second in a worker process), recording the
+    zoo names the main process loads: (cfg, results, times, loaded names)."""
+    cfg = config.load("smoke", over)
+    loaded, real = [], zoo.load
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(zoo, "load", lambda name, c, **kw: loaded.append(name) or real(name, c, **kw))
+        results, times = medr1.run(cfg)
+    return cfg, results, times, loaded
+
+
+def test_protocols_run_in_a_worker_process_and_are_read_back(protocols):
+    """Notebook 04 trains its later protocols in a worker process (``medr1.background``) and reads
+    their cached models and records back: the configuration goes to the worker as a dump that must
+    pickle and name the same models, and the main process builds none of the worker's models."""
+    cfg, results, times, loaded = protocols
+    assert cfg.medr1.by == ["modality", "question_type"] and cfg.medr1.background and cfg.medr1.mode == "nothink"
+    sent = config.Config.model_validate(pickle.loads(pickle.dumps(cfg.model_dump())))
+    assert zoo.key("medr1-question-type-grpo-modality-recognition", sent) == \
+        zoo.key("medr1-question-type-grpo-modality-recognition", cfg)
+    assert all(not n.startswith("medr1-question-type") for n in loaded), loaded  # trained by the worker
+    assert any(n.startswith("medr1-modality") for n in loaded)                   # trained here
+    items = medr1.test_items(cfg)
+    assert len(items) == 4
+    for by in cfg.medr1.by:
+        groups = list(zoo.medr1_groups(cfg, by))
+        res = results[by]
+        assert set(res["train_group"]) == set(groups) | {"(base)"}
+        assert len(res) == len(items) * (1 + 2 * len(groups))
+        assert set(times.loc[times["by"] == by, "train_group"]) == set(groups)
+        assert all(zoo.is_trained(medr1.cell_name(by, m, g), cfg) for m in ("sft", "grpo") for g in groups)
+
+
+@pytest.mark.parametrize("by", ["modality", "question_type"])
+def test_protocol_is_cached_matrices_and_gains(protocols, no_training, by):
+    cfg, results, _, _ = protocols
+    res, _ = medr1.protocol(cfg, by, progress=None)  # every model and record cached: no model built
+    pd.testing.assert_frame_equal(results[by].reset_index(drop=True), res.reset_index(drop=True), check_dtype=False)
+    groups = list(zoo.medr1_groups(cfg, by))
+    mats = medr1.generalization_matrix(res, by)
+    assert list(mats) == ["base", "SFT", "GRPO"] and list(mats["GRPO"].index) == groups
+    g0, tested = groups[0], [g for g in mats["GRPO"].columns if g != "All"]
+    cell = res.query(f"method == 'GRPO' and train_group == @g0 and {by} == @tested[0]")
+    assert len(cell) and mats["GRPO"].loc[g0, tested[0]] == pytest.approx(100 * cell["correct"].mean())
+    gains = medr1.generalization_gains(mats)
+    expected = (mats["GRPO"].drop(columns="All") - mats["base"].drop(columns="All").iloc[0]).stack().mean()
+    assert gains.loc["GRPO - base", "mean gain (points)"] == pytest.approx(expected)
+
+
+def test_evaluate_model_attacks_and_caches(over, monkeypatch):
+    cfg = config.load("smoke", {**over, "safemed.eval.steps": 2})
+    zoo.ensure("grpo-nothink", cfg)
+    items = safemed.eval_items(cfg)
+    assert len(items) == 4
+    clean, pgd = safemed.evaluate_model(cfg, "grpo-nothink", "nothink", items)
+    eps = cfg.safemed.eval.eps / 255  # the profile's 1/255, the attack's [0, 1] pixels
+    assert eps == pytest.approx(8 / 255)
+    assert len(clean) == len(pgd) == len(items) and pgd["perturbed"].all() and not clean["perturbed"].any()
+    assert (pgd["attack_linf"] <= eps + 1e-6).all() and pgd["rounded_8bit"].all()
+    assert (pgd["attack_loss_adv"] >= pgd["attack_loss_clean"] - 1e-4).all()
+    loads, real = [], zoo.load
+    monkeypatch.setattr(zoo, "load", lambda name, c, **kw: loads.append(name) or real(name, c, **kw))
+    clean2, pgd2 = safemed.evaluate_model(cfg, "grpo-nothink", "nothink", items)  # read back from the records
+    assert loads == []
+    assert clean2["correct"].tolist() == clean["correct"].tolist() and pgd2["pred"].tolist() == pgd["pred"].tolist()
+    # another attack radius: the clean results are read back, the PGD ones are computed again (one model load)
+    smaller = config.load("smoke", {**over, "safemed.eval.steps": 2, "safemed.eval.eps": 2})
+    clean3, pgd3 = safemed.evaluate_model(smaller, "grpo-nothink", "nothink", items)
+    assert loads == ["grpo-nothink"]
+    assert clean3["output"].tolist() == clean["output"].tolist()
+    assert (pgd3["attack_linf"] <= 2 / 255 + 1e-6).all() and pgd3["perturbed"].all()
