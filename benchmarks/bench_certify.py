@@ -3,12 +3,12 @@
 Measures, for one model and the profile's image size:
 * samples/s of both base classifiers (``logprob_classifier``: one teacher-forced forward pass;
   ``generation_classifier``: greedy decoding + answer parsing, with the nothink prompt and
-  --max-new-tokens, and with the think prompt and the profile's certify_max_new_tokens) over a
+  --max-new-tokens, and with the think prompt and the profile's certify.max_new_tokens) over a
   batch-size sweep;
 * the fast path's speed-up (best logprob rate / best generation rate);
-* seconds per certified item at the profile's n0 + n (``certify_items``, both paths).
+* seconds per certified item at the profile's certify.n0 + certify.n (``certify.certify_items``, both paths).
 
-Usage:  .venv/bin/python benchmarks/bench_certify.py [--profile tiny] [--model-dir DIR]
+Usage:  .venv/bin/python benchmarks/bench_certify.py [--profile tiny] [--set key=value ...] [--model-dir DIR]
 Without --model-dir it builds the untrained tiny VLM on the benchmark's text; an untrained model
 never stops early, so generation always runs to its max new tokens: the worst case (a trained
 answer-only model stops after its ~6-token "<answer> X </answer>", a think model after its
@@ -32,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import safemed_lib  # noqa: E402
-from safemed_lib import models, smoothing, workbook  # noqa: E402
+from safemed_lib import certify, config, dataset, models, smoothing  # noqa: E402
 from safemed_lib.paths import PROJECT_ROOT  # noqa: E402
 from safemed_lib.records import atomic_write_text  # noqa: E402
-from safemed_lib.reproduce import load_profile  # noqa: E402
 from bench_pgd import load_note  # noqa: E402
 
 OUT = PROJECT_ROOT / "benchmarks" / "out"
@@ -57,7 +56,9 @@ def rate(classify, x, batch_size, repeats, sigma=0.25, seed=0):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--profile", default="tiny", help="configs/<name>.yaml or a YAML path")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one configuration key (repeatable), e.g. --set data.n_images=40")
     ap.add_argument("--model-dir", default=None, help="a saved VLM (VLM.save / Qwen2-VL dir); default: untrained tiny")
     ap.add_argument("--batch-sizes", default="1,8,32,64")
     ap.add_argument("--gen-batch-sizes", default="1,8,32")
@@ -67,29 +68,30 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     safemed_lib.set_threads(args.threads)
-    p = load_profile(args.profile)
-    _, test = workbook.dataset(p["omnimedvqa_root"], p["bench_dir"], p["n_images"], p["image_size"], p["seed"])
+    cfg = config.load(args.profile, args.overrides)
+    size = cfg.data.image_size
+    _, test = dataset.splits(cfg)
     items = test[: args.items]
     if args.model_dir:
         vlm, model_name = models.load_vlm(args.model_dir), str(args.model_dir)
     else:
         corpus = [t for it in test[:200] for t in (it.question, *it.options)]
-        vlm, model_name = models.build_tiny_vlm(corpus, seed=0, image_size=p["image_size"]), "untrained tiny VLM"
+        vlm, model_name = models.build_tiny_vlm(corpus, seed=0, image_size=size), "untrained tiny VLM"
     from safemed_lib import data
 
     item = items[0]
-    x = data.load_images([item], size=p["image_size"])[0]
-    n0, n = p.get("certify_n0", 16), p.get("certify_n", 100)
+    x = data.load_images([item], size=size)[0]
+    n0, n = cfg.certify.n0, cfg.certify.n
 
     sweep = []
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         sweep.append({"classifier": "logprob", "batch_size": bs,
-                      "samples_per_s": rate(smoothing.logprob_classifier(vlm, item), x, bs, args.repeats)})
-    think_tokens = p.get("certify_max_new_tokens", 96)
+                      "samples_per_s": rate(certify.logprob_classifier(vlm, item), x, bs, args.repeats)})
+    think_tokens = cfg.certify.max_new_tokens
     for label, prompt, tokens in (("generate", "nothink", args.max_new_tokens),
                                   ("generate-think", "think", think_tokens)):
         for bs in [int(b) for b in args.gen_batch_sizes.split(",")]:
-            classify = smoothing.generation_classifier(vlm, item, prompt=prompt, max_new_tokens=tokens)
+            classify = certify.generation_classifier(vlm, item, prompt=prompt, max_new_tokens=tokens)
             sweep.append({"classifier": label, "batch_size": bs, "max_new_tokens": tokens,
                           "samples_per_s": rate(classify, x, bs, args.repeats)})
     kinds = ("logprob", "generate", "generate-think")
@@ -100,14 +102,15 @@ def main(argv=None):
     per_item = {}
     for method in ("logprob", "generate"):
         t0 = time.perf_counter()
-        df = smoothing.certify_items(vlm, items, sigma=0.25, n0=n0, n=n, alpha=0.001, method=method,
-                                     prompt="nothink", image_size=p["image_size"], batch_size=best_bs[method],
-                                     max_new_tokens=args.max_new_tokens, seed=0)
+        df = certify.certify_items(vlm, items, sigma=0.25, n0=n0, n=n, alpha=0.001, method=method,
+                                   prompt="nothink", image_size=size, batch_size=best_bs[method],
+                                   max_new_tokens=args.max_new_tokens, seed=0)
         per_item[method] = (time.perf_counter() - t0) / len(items)
         assert len(df) == len(items)
 
     result = {
-        "benchmark": "bench_certify", "profile": args.profile, "model": model_name, "image_size": p["image_size"],
+        "benchmark": "bench_certify", "profile": cfg.profile, "overrides": args.overrides, "model": model_name,
+        "image_size": size,
         "threads": args.threads, "machine": f"{platform.machine()} {os.cpu_count()} cores ({platform.platform()})",
         "note": f"timed with {load_note()}",
         "max_new_tokens": {"nothink": args.max_new_tokens, "think": think_tokens},
@@ -119,7 +122,7 @@ def main(argv=None):
     }
     OUT.mkdir(parents=True, exist_ok=True)
     atomic_write_text(OUT / "bench_certify.json", json.dumps(result, indent=2) + "\n")
-    lines = [f"# bench_certify ({args.profile}, {model_name}, {p['image_size']} px, {args.threads} thread)", "",
+    lines = [f"# bench_certify ({cfg.profile}, {model_name}, {size} px, {args.threads} thread)", "",
              result["note"] + ".", "",
              "| classifier | batch size | max new tokens | samples/s |", "| --- | --- | --- | --- |"]
     lines += [f"| {s['classifier']} | {s['batch_size']} | {s.get('max_new_tokens', '-')} | {s['samples_per_s']:.1f} |"

@@ -27,9 +27,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from safemed_lib import attacks, data, models, prompts, sft, workbook  # noqa: E402
+from safemed_lib import attacks, data, models, prompts  # noqa: E402
 
-from bench_pgd import load_note, medians, write  # noqa: E402
+from bench_pgd import bench_split, load_note, medians, tiny_vlm, write  # noqa: E402
 
 
 def before(vlm):
@@ -64,9 +64,9 @@ def main():
     p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes on CPU)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    train, test = workbook.dataset(bench_dir="data/bench/bench_pgd", n_images=40, image_size=112, seed=0)
+    train, test = bench_split(112)
     items = train + test
-    vlm = models.build_tiny_vlm(sft.corpus_texts(items), seed=0, image_size=112, **sft.TINY_MODEL)
+    vlm = tiny_vlm(items, 112)
     vlm.model.eval()
     one = [items[0]] * args.batch  # the certifier scores noisy copies of one item
     x1 = data.load_images(items[:1], size=112).expand(args.batch, -1, -1, -1)

@@ -27,7 +27,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from safemed_lib import attacks, models, sft, synth, workbook  # noqa: E402
+from safemed_lib import attacks, base, data, dataset, models, synth  # noqa: E402
+from safemed_lib.config import TinyBase  # noqa: E402
+from safemed_lib.targets import scenes_for  # noqa: E402
 from safemed_lib.paths import PROJECT_ROOT  # noqa: E402
 from safemed_lib.records import atomic_write_text  # noqa: E402
 
@@ -67,6 +69,20 @@ def write(name: str, meta: dict, rows: list[dict], lines: list[str]) -> None:
     print("\n".join(lines))
 
 
+def bench_split(image_size: int, bench_dir: str = "data/bench/bench_pgd", n_images: int = 40, seed: int = 0):
+    """(train, test) of a small embedded benchmark (generated once), split per image."""
+    items = dataset.load_items(None, bench_dir, n_images=n_images, image_size=image_size, seed=seed)
+    return data.split_by_image(items, test_frac=0.2, seed=seed)
+
+
+def tiny_vlm(items, image_size: int, tiny: TinyBase | None = None):
+    """The tiny architecture of ``tiny`` (``config.TinyBase``; default: the embedded default's),
+    untrained, its tokenizer learnt on ``items``' texts (``base.corpus_texts``)."""
+    tiny = tiny or TinyBase()
+    return models.build_tiny_vlm(base.corpus_texts(items), seed=0, image_size=image_size,
+                                 hidden_size=tiny.hidden_size, layers=tiny.layers)
+
+
 def fwd_bwd(loss_fn, x):
     def run():
         xr = x.detach().clone().requires_grad_(True)
@@ -75,16 +91,12 @@ def fwd_bwd(loss_fn, x):
 
 
 def bench_vlm(args) -> list[dict]:
-    train, test = workbook.dataset(bench_dir="data/bench/bench_pgd", n_images=40, image_size=args.image_size,
-                                   seed=0)
+    train, test = bench_split(args.image_size)
     items = (train + test)[: args.batch]
-    vlm = models.build_tiny_vlm(sft.corpus_texts(train + test), seed=0, image_size=args.image_size,
-                                **sft.TINY_MODEL)
+    vlm = tiny_vlm(train + test, args.image_size)
     vlm.model.eval()
-    from safemed_lib import data
-
     x = data.load_images(items, size=args.image_size)
-    scenes = sft.scenes_for(items)
+    scenes = scenes_for(items)
     target_sets = {
         "nothink (answer target)": ("nothink", [attacks.prompts.format_completion(it.answer, "nothink") for it in items]),
         "think (rationale + answer target)": ("think", [attacks.prompts.format_completion(

@@ -1,7 +1,8 @@
 """SFT step time of the tiny model, and whether the profile's SFT runs fit the issue's 10 minutes.
 
-Trains both variants as the ``tiny`` profile does (configs/tiny.yaml: batch size, lr, fixed vision
-tower, the answer-only run's binding terms) for ``--steps`` steps from a random tiny model on a small
+Trains both variants as the profile does (``--profile``, default tiny: the recipes ``sft.think`` and
+``sft.nothink``: batch size, lr, weight decay, fixed vision tower, the answer-only run's binding terms;
+``--set`` overrides keys) for ``--steps`` steps from a random tiny model (``model.tiny``) on a small
 generated benchmark (the step time does not depend on the weights), on 1 and 2 torch threads. The
 answer-only run is also timed with the vision tower run on every step (``--no-cache``: the image
 embeddings cache of ``sft.train_sft`` swapped out, benchmark only). Step time: the seconds column of
@@ -10,7 +11,7 @@ step time x the profile's steps.
 
 Writes benchmarks/out/bench_sft.json and .md.
 
-    .venv/bin/python benchmarks/bench_sft.py --steps 200
+    .venv/bin/python benchmarks/bench_sft.py --steps 200 [--profile tiny] [--set sft.nothink.lr=0.002]
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,25 +39,21 @@ def step_time(out_dir: Path) -> float:
     return float((last.seconds - first.seconds) / (last.step - first.step))
 
 
-def time_run(vlm_dir: Path, train, cfg: dict, variant: str, threads: int, steps: int, cache: bool, out: Path) -> dict:
+def time_run(vlm_dir: Path, train, cfg, variant: str, threads: int, steps: int, cache: bool, out: Path) -> dict:
     import safemed_lib
     from safemed_lib import data, models, sft
 
-    safemed_lib.set_threads(threads)
-    vlm = models.load_vlm(vlm_dir, image_size=cfg["image_size"])
-    # the variant's settings as every notebook gets them from the profile
-    kw = sft.variant_kwargs(variant, steps=cfg["sft_steps"], nothink_steps=cfg["sft_nothink_steps"],
-                            nothink_binding_aux=cfg["sft_nothink_binding"],
-                            nothink_weight_decay=cfg["sft_nothink_weight_decay"])
-    kw.pop("train_threads", None)  # set above
-    profile_steps = kw.pop("steps")
+    safemed_lib.set_threads(threads)  # the recipe's own threads setting is what is being compared
+    size = cfg.data.image_size
+    vlm = models.load_vlm(vlm_dir, image_size=size)
+    recipe = getattr(cfg.sft, variant)  # the variant's recipe as the zoo trains it from the profile
+    profile_steps = recipe.steps
     original = sft.cached_image_embeds
     if not cache:
         sft.cached_image_embeds = lambda vlm, items, size, cache: data.load_images(items, size=size)
     try:
-        sft.train_sft(vlm, train, variant=variant, steps=steps, lr=cfg["sft_lr"], batch_size=cfg["sft_batch_size"],
-                      image_size=cfg["image_size"], out_dir=out, train_vision=cfg["sft_train_vision"],
-                      seed=0, log_every=10, save_every=10 ** 9, **kw)
+        sft.train_sft(vlm, train, recipe.model_copy(update={"steps": steps}), variant=variant, image_size=size,
+                      out_dir=out, seed=0, log_every=10, save_every=10 ** 9)
     finally:
         sft.cached_image_embeds = original
     s = step_time(out)
@@ -71,20 +66,22 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--n-images", type=int, default=160)
     ap.add_argument("--no-cache", action="store_true", help="also time answer-only SFT without the image cache")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    ap.add_argument("--profile", default="tiny", help="configs/<name>.yaml or a YAML path (default: tiny)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one configuration key (repeatable)")
     args = ap.parse_args(argv)
-    cfg = yaml.safe_load(Path(args.config).read_text())
 
     import torch
 
-    from safemed_lib import models, sft, workbook
+    from bench_pgd import bench_split, tiny_vlm
+    from safemed_lib import config
 
+    cfg = config.load(args.profile, args.overrides)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        train, test = workbook.dataset(None, tmp / "bench", args.n_images, cfg["image_size"], 0)
-        vlm = models.build_tiny_vlm(sft.corpus_texts(train + test), seed=0, image_size=cfg["image_size"],
-                                    **sft.TINY_MODEL)
+        train, test = bench_split(cfg.data.image_size, tmp / "bench", n_images=args.n_images)
+        vlm = tiny_vlm(train + test, cfg.data.image_size, cfg.model.tiny)
         vlm_dir = vlm.save(tmp / "base")
         plan = [("nothink", 2, True), ("nothink", 1, True), ("think", 2, True), ("think", 1, True)]
         if args.no_cache:
@@ -94,11 +91,20 @@ def main(argv=None):
             print(rows[-1], flush=True)
     meta = {"benchmark": "bench_sft", "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "torch": torch.__version__, "steps": args.steps, "n_images": args.n_images, "limit_s": LIMIT_S,
-            "config": Path(args.config).name}
+            "profile": cfg.profile, "overrides": args.overrides,
+            "recipes": {v: getattr(cfg.sft, v).model_dump() for v in ("think", "nothink")}}
+
+    def recipe(variant):
+        r = getattr(cfg.sft, variant)
+        binding = "none" if r.binding is None else ", ".join(f"{k} {v:g}" for k, v in r.binding.model_dump().items()
+                                                              if k in ("match", "letter", "attention", "content",
+                                                                       "scene") and v)
+        return (f"{variant}: batch {r.batch_size}, lr {r.lr:g}, weight decay {r.weight_decay:g}, vision tower "
+                f"{'trained' if r.train_vision else 'fixed'}, binding terms {binding}")
+
     lines = [f"# SFT step time (tiny model, CPU, {args.steps} steps, second half timed)", "",
-             f"Profile {meta['config']}: batch {cfg['sft_batch_size']}, vision tower "
-             f"{'trained' if cfg['sft_train_vision'] else 'fixed'}, answer-only binding terms "
-             f"{cfg['sft_nothink_binding']}.", "",
+             f"Profile {cfg.profile}{' with ' + ', '.join(args.overrides) if args.overrides else ''}: "
+             f"{recipe('think')}; {recipe('nothink')}.", "",
              "| variant | threads | image cache | step (s) | profile steps | projected (s) | within 600 s | load |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

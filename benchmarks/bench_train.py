@@ -4,13 +4,15 @@ Same model, data, batch (completions per step), group size and completion length
 AT-GRPO run attacks ``--fraction`` of the questions of every generation batch with ``--pgd-steps``
 PGD steps. Time is split by wrapping the trainer's methods with timers (benchmark only):
 
-- attack:   ATGRPOTrainer._perturb (clean greedy pass when measured, PGD, rounding, success probe)
+- attack:   at_grpo.ATGRPOTrainer._perturb (clean greedy pass when measured, PGD, rounding, success probe)
 - rollouts: GRPOTrainer._generate (sampling the G completions per question)
 - scoring:  the rest of _generate_and_score_completions (processor, reference log-probs, rewards)
 - update:   the rest of the step (policy forward/backward of the loss, optimizer)
 
 Writes benchmarks/out/bench_train.json and .md: the median over steps (after one warm-up step),
 labelled with the load average it was taken at (contended when another job shared the cores).
+Both runs start from the tiny base (``base.build`` with ``config.TinyBase``'s pretraining, or
+``--copy-steps`` / ``--vision-steps``) and one ``config.GRPORecipe`` built from the options.
 
     .venv/bin/python benchmarks/bench_train.py --steps 6 --mode nothink
 """
@@ -51,11 +53,12 @@ def _timed(cls, name: str, bucket: str, times: dict):
 def run(kind: str, args, vlm_path: Path, items, out: Path) -> dict:
     from trl import GRPOTrainer
 
-    from safemed_lib import grpo, models
+    from safemed_lib import at_grpo, grpo, models
+    from safemed_lib.config import GRPORecipe
 
     times: dict[str, list] = defaultdict(list)
     originals = [(GRPOTrainer, "_generate", _timed(GRPOTrainer, "_generate", "rollouts", times)),
-                 (grpo.ATGRPOTrainer, "_perturb", _timed(grpo.ATGRPOTrainer, "_perturb", "attack", times)),
+                 (at_grpo.ATGRPOTrainer, "_perturb", _timed(at_grpo.ATGRPOTrainer, "_perturb", "attack", times)),
                  (GRPOTrainer, "_generate_and_score_completions",
                   _timed(GRPOTrainer, "_generate_and_score_completions", "gen_and_score", times)),
                  (GRPOTrainer, "training_step", _timed(GRPOTrainer, "training_step", "step", times))]
@@ -65,9 +68,10 @@ def run(kind: str, args, vlm_path: Path, items, out: Path) -> dict:
             adv = dict(eps=8 / 255, alpha=2 / 255, steps=args.pgd_steps, fraction=args.fraction,
                        measure_success=not args.no_success)
         vlm = models.load_vlm(vlm_path, image_size=args.image_size)
-        grpo.train_grpo(vlm, items, mode=args.mode, steps=args.steps, lr=1e-5, num_generations=args.g,
-                        batch_size=args.batch_size, beta=args.beta, max_completion_length=args.max_len,
-                        out_dir=out / kind, seed=0, adversarial=adv, resume=False, save_steps=10 ** 6)
+        recipe = GRPORecipe(steps=args.steps, lr=1e-5, num_generations=args.g, batch_size=args.batch_size,
+                            beta=args.beta, max_completion_length=args.max_len)
+        grpo.train_grpo(vlm, items, recipe, mode=args.mode, out_dir=out / kind, seed=0, adversarial=adv,
+                        resume=False, save_steps=10 ** 6)
     finally:
         for cls, name, orig in originals:
             setattr(cls, name, orig)
@@ -99,26 +103,34 @@ def main(argv=None):
     ap.add_argument("--no-success", action="store_true", help="skip the greedy success-rate probe")
     ap.add_argument("--image-size", type=int, default=112)
     ap.add_argument("--n-images", type=int, default=160)
+    ap.add_argument("--copy-steps", type=int, default=None,
+                    help="the base's copy pretraining steps (default: TinyBase's)")
+    ap.add_argument("--vision-steps", type=int, default=None,
+                    help="the base's vision pretraining steps (default: TinyBase's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = ap.parse_args(argv)
 
     import torch
 
     import safemed_lib
-    from safemed_lib import models, sft, workbook
+    from bench_pgd import bench_split
+    from safemed_lib import base
+    from safemed_lib.config import TinyBase
 
     safemed_lib.set_threads(1)
+    tiny = TinyBase(**{k: v for k, v in (("copy_steps", args.copy_steps), ("vision_steps", args.vision_steps))
+                       if v is not None})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        train, _ = workbook.dataset(None, tmp / "bench", args.n_images, args.image_size, 0)
-        base = sft.ensure_base(tmp / "models", train, image_size=args.image_size, seed=0)
-        path = base.save(tmp / "base")
+        train, _ = bench_split(args.image_size, tmp / "bench", n_images=args.n_images)
+        base.build(train, tiny, image_size=args.image_size, seed=0, out_dir=tmp / "base")
+        path = tmp / "base" / "model"
         rows = [run(kind, args, path, train, tmp) for kind in ("grpo", "at-grpo")]
     g, a = rows
     result = {
         "benchmark": "bench_train", "load": load_note(), "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"}, "base": tiny.model_dump(),
         "runs": rows, "at_grpo_over_grpo": a["step_s"] / g["step_s"],
     }
     out = Path(args.out)

@@ -83,7 +83,8 @@ def main(argv=None):
 
     import torch
 
-    from safemed_lib import grpo, workbook
+    from safemed_lib import data, dataset, grpo
+    from safemed_lib.config import GRPORecipe
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,10 @@ def main(argv=None):
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        train, _ = workbook.dataset(None, tmp / "bench", 40, size, 0)
+        items = dataset.load_items(None, tmp / "bench", n_images=40, image_size=size, seed=0)
+        train, _ = data.split_by_image(items, test_frac=0.2, seed=0)
+        recipe = GRPORecipe(steps=steps, lr=1e-6, num_generations=args.g, batch_size=args.batch_size, beta=0.04,
+                            max_completion_length=args.max_len)
         for kind in ("grpo", "at-grpo"):
             vlm = build_model(layers, depth, dtype, size).to(device)
             n_params = sum(p.numel() for p in vlm.model.parameters())
@@ -116,10 +120,8 @@ def main(argv=None):
             adv = None if kind == "grpo" else dict(eps=8 / 255, alpha=2 / 255, steps=args.pgd_steps,
                                                    fraction=args.fraction, measure_success=False)
             t0 = time.perf_counter()
-            vlm = grpo.train_grpo(vlm, train, mode="think", steps=steps, lr=1e-6, num_generations=args.g,
-                                  batch_size=args.batch_size, beta=0.04, max_completion_length=args.max_len,
-                                  out_dir=tmp / kind, resume=False, save_steps=10 ** 6, device=device,
-                                  lora=True if args.lora else None,
+            vlm = grpo.train_grpo(vlm, train, recipe, mode="think", out_dir=tmp / kind, resume=False,
+                                  save_steps=10 ** 6, device=device, lora=True if args.lora else None,
                                   gradient_checkpointing=args.gradient_checkpointing, image_size=size,
                                   adversarial=adv)
             wall = time.perf_counter() - t0

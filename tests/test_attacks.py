@@ -1,4 +1,5 @@
-"""Tests for safemed_lib.attacks: the PGD core against a textbook loop, and the VLM attack hook."""
+"""Tests for safemed_lib.attacks: the PGD core against a textbook loop, and the VLM attack hook; and for
+safemed_lib.benchmark's attack grid, sweep and model digest."""
 from __future__ import annotations
 
 import pytest
@@ -204,7 +205,7 @@ def test_round_8bit():
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from safemed_lib import attacks, data, evaluate, models, prompts  # noqa: E402
+from safemed_lib import attacks, benchmark, data, evaluate, models, prompts  # noqa: E402
 from safemed_lib.records import Records  # noqa: E402
 
 
@@ -337,7 +338,7 @@ def test_pgd_perturb_eps_zero_and_errors(vlm, vqa):
 
 
 def test_attack_grid():
-    grid = attacks.attack_grid()
+    grid = benchmark.attack_grid()
     linf8 = next(g for g in grid if g["name"] == "linf_8")
     assert linf8["eps"] == 8 / 255 and linf8["alpha"] == pytest.approx(2 / 255) and linf8["steps"] == 10
     assert [g["eps"] for g in grid if g["norm"] == "l2"] == [0.25, 0.5, 1.0]
@@ -345,9 +346,9 @@ def test_attack_grid():
 
 def test_evaluate_attacks_resumes_and_tabulates(vlm, vqa, tmp_path):
     items, _ = vqa
-    grid = attacks.attack_grid(linf_eps=(4,), l2_eps=(0.5,), steps=2)
+    grid = benchmark.attack_grid(linf_eps=(4,), l2_eps=(0.5,), steps=2)
     kw = dict(prompt="think", image_size=56, grid=grid, records_dir=tmp_path, tag="m", max_new_tokens=5, batch_size=2)
-    df = attacks.evaluate_attacks(vlm, items, **kw)
+    df = benchmark.evaluate_attacks(vlm, items, **kw)
     assert sorted(set(df["attack"])) == ["clean", "l2_0.5", "linf_4"] and len(df) == 9
     assert set(df.loc[df.attack != "clean", "rounded_8bit"]) == {True}
     files = sorted(p.name.rsplit("_", 1)[0] for p in tmp_path.iterdir())
@@ -356,26 +357,27 @@ def test_evaluate_attacks_resumes_and_tabulates(vlm, vqa, tmp_path):
     (linf,) = tmp_path.glob("m_linf_4_*.jsonl")
     lines = linf.read_text().splitlines()
     linf.write_text("\n".join(lines[:2]) + "\n")
-    df2 = attacks.evaluate_attacks(vlm, items, **kw)
+    df2 = benchmark.evaluate_attacks(vlm, items, **kw)
     assert len(linf.read_text().splitlines()) == 3 and len(list(tmp_path.iterdir())) == 3
     assert list(df2["pred"]) == list(df["pred"]) and list(df2["output"]) == list(df["output"])
     np.testing.assert_allclose(df2["attack_loss_adv"].fillna(0), df["attack_loss_adv"].fillna(0), rtol=1e-4)
-    tab = attacks.sweep_table(df)
+    tab = benchmark.sweep_table(df)
     assert list(tab["eps_label"]) == ["0", "4/255", "0.5"] and (tab["n"] == 3).all()
     assert tab["accuracy"].between(0, 100).all()
     with pytest.raises(ValueError, match="unique"):
-        attacks.evaluate_attacks(vlm, items, **(kw | {"grid": grid + grid[:1]}))
-    # other settings (here: steps) or other weights never reuse these records
-    attacks.evaluate_attacks(vlm, items, **(kw | {"grid": attacks.attack_grid(linf_eps=(4,), l2_eps=(), steps=1)}))
+        benchmark.evaluate_attacks(vlm, items, **(kw | {"grid": grid + grid[:1]}))
+    # other settings (here: steps) never reuse these records; the records_dir belongs to one model
+    # (file names carry no weights digest: another model gets another directory, see evaluate.cached)
+    benchmark.evaluate_attacks(vlm, items, **(kw | {"grid": benchmark.attack_grid(linf_eps=(4,), l2_eps=(), steps=1)}))
     assert len(list(tmp_path.glob("m_linf_4_*.jsonl"))) == 2 and len(list(tmp_path.glob("m_clean_*"))) == 1
 
 
 def test_model_digest_changes_with_the_weights(vlm):
-    d = attacks.model_digest(vlm.model)
+    d = benchmark.model_digest(vlm.model)
     p = next(vlm.model.parameters())
     saved = p.detach().clone()
     with torch.no_grad():
         p[0] += 1e-3
-        assert attacks.model_digest(vlm.model) != d
+        assert benchmark.model_digest(vlm.model) != d
         p.copy_(saved)
-    assert attacks.model_digest(vlm.model) == d
+    assert benchmark.model_digest(vlm.model) == d

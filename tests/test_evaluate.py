@@ -1,4 +1,5 @@
-"""evaluate(): rows, resumable records, perturb hook, logprob method; accuracy_table()."""
+"""evaluate(): rows, resumable records, perturb hook, logprob method; accuracy_table(); evaluate.cached (once per
+key, resumable); benchmark.benchmark and `python -m safemed_lib eval`."""
 import json
 
 import numpy as np
@@ -213,3 +214,199 @@ def test_mcnemar_p_is_the_exact_two_sided_binomial_test():
     assert evaluate.mcnemar_p(8, 2) == pytest.approx(0.109375)  # 2 * P(X <= 2), X ~ Bin(10, 1/2)
     with pytest.raises(ValueError, match=">= 0"):
         evaluate.mcnemar_p(-1, 2)
+
+
+# ----------------------------------------------------------------------------- evaluate.cached
+class Interrupted(Exception):
+    pass
+
+
+class Dying(Counting):
+    """A Counting VLM killed (an exception) when asked about its ``die_after + 1``-th batch."""
+
+    def __init__(self, vlm, die_after):
+        super().__init__(vlm)
+        self.batches, self.die_after = 0, die_after
+
+    def generate(self, images, items, **kw):
+        self.batches += 1
+        if self.batches > self.die_after:
+            raise Interrupted
+        return super().generate(images, items, **kw)
+
+
+def _loader(vlm_like, calls):
+    def load():
+        calls.append(1)
+        return vlm_like
+    return load
+
+
+def _no_model():
+    raise AssertionError("load_model called although the evaluation is cached")
+
+
+EV = dict(prompt="nothink", image_size=SIZE, batch_size=4, max_new_tokens=6)
+
+
+def test_cached_evaluates_once_per_key(vlm, items, tmp_path):
+    calls, counting = [], Counting(vlm)
+    df = evaluate.cached(_loader(counting, calls), items, tmp_path / "run", model_key="m1", **EV)
+    assert calls == [1] and counting.seen == [it.question_id for it in items]
+    pd.testing.assert_frame_equal(df, evaluate.evaluate(vlm, items, **EV), check_dtype=False)
+    done = json.loads((tmp_path / "run" / "done.json").read_text())
+    assert done["result"] == {"n": len(items), "accuracy": pytest.approx(float(df["correct"].mean()))}
+    assert done["key"]["model"] == "m1" and done["key"]["n"] == len(items)
+    # the second call reads the records: the model is not even loaded
+    again = evaluate.cached(_no_model, items, tmp_path / "run", model_key="m1", **EV)
+    pd.testing.assert_frame_equal(again, df, check_dtype=False)
+    assert len((tmp_path / "run" / evaluate.RECORDS).read_text().splitlines()) == len(items)
+
+
+def test_cached_resumes_an_interrupted_run_without_recomputing(vlm, items, tmp_path):
+    run = tmp_path / "run"
+    dying = Dying(vlm, die_after=1)
+    with pytest.raises(Interrupted):
+        evaluate.cached(lambda: dying, items, run, model_key="m1", **EV)
+    assert not (run / "done.json").exists() and (run / "key.json").exists()
+    recorded = [json.loads(line)["key"] for line in (run / evaluate.RECORDS).read_text().splitlines()]
+    assert recorded == [it.question_id for it in items[:4]]  # the first batch was written before the kill
+    counting = Counting(vlm)
+    df = evaluate.cached(lambda: counting, items, run, model_key="m1", **EV)
+    assert counting.seen == [it.question_id for it in items[4:]]  # recorded items are not recomputed
+    keys = [json.loads(line)["key"] for line in (run / evaluate.RECORDS).read_text().splitlines()]
+    assert sorted(keys) == sorted(it.question_id for it in items) and len(keys) == len(items)
+    assert (run / "done.json").exists() and list(df["question_id"]) == [it.question_id for it in items]
+    pd.testing.assert_frame_equal(df, evaluate.evaluate(vlm, items, **EV), check_dtype=False)
+
+
+@pytest.mark.parametrize("change", [dict(model_key="m2"), dict(extra_key={"eps": 4}), dict(max_new_tokens=4),
+                                    dict(prompt="think"), dict(method="logprob"), dict(items=slice(0, 5))])
+def test_cached_starts_afresh_for_another_model_or_settings(vlm, items, tmp_path, change):
+    run = tmp_path / "run"
+    evaluate.cached(lambda: vlm, items, run, model_key="m1", **EV)
+    change = dict(change)
+    its = items[change.pop("items")] if "items" in change else items
+    kw = {"model_key": "m1", **EV, **change}
+    calls, counting = [], Counting(vlm)
+    df = evaluate.cached(_loader(counting, calls), its, run, **kw)
+    assert calls == [1] and counting.seen == [it.question_id for it in its]  # nothing reused
+    assert len((run / evaluate.RECORDS).read_text().splitlines()) == len(its)
+    assert json.loads((run / "done.json").read_text())["key"]["model"] == kw["model_key"]
+    assert len(df) == len(its)
+    # ... and that new run is the cached one now
+    evaluate.cached(_no_model, its, run, **kw)
+
+
+def test_cached_keyed_by_model_digest_starts_afresh_for_changed_weights(items, tmp_path):
+    """The evaluation of another model never reuses records: ``benchmark.model_digest`` (a key of a
+    model's exact weights) changes with the weights, and ``cached`` with another ``model_key`` starts afresh."""
+    from safemed_lib import benchmark
+
+    vlm = models.build_tiny_vlm([it.question + " " + " ".join(it.options) for it in items], seed=0,
+                                hidden_size=64, image_size=SIZE, vocab_size=600)
+    run, its = tmp_path / "run", items[:3]
+    d1 = benchmark.model_digest(vlm.model)
+    evaluate.cached(lambda: vlm, its, run, model_key=d1, **EV)
+    with torch.no_grad():
+        next(vlm.model.parameters())[0] += 1e-3
+    d2 = benchmark.model_digest(vlm.model)
+    assert d2 != d1
+    counting = Counting(vlm)
+    evaluate.cached(lambda: counting, its, run, model_key=d2, **EV)
+    assert counting.seen == [it.question_id for it in its]
+    assert json.loads((run / "done.json").read_text())["key"]["model"] == d2
+
+
+# ----------------------------------------------------------------------------- benchmark.benchmark and `eval`
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A tiny smoke-derived profile in tmp (its benchmark, model cache and eval records), with
+    sft-nothink trained once."""
+    from safemed_lib import config, zoo
+
+    tmp = tmp_path_factory.mktemp("bench_eval")
+    cfg = config.load("smoke", {"model.dir": str(tmp / "models"), "data.bench_dir": str(tmp / "bench"),
+                                "data.n_images": 16, "model.tiny.copy_steps": 5, "model.tiny.vision_steps": 5,
+                                "model.tiny.pretrain_images": 0, "sft.nothink.steps": 2,
+                                "eval.max_new_tokens": 8})
+    zoo.ensure("sft-nothink", cfg)
+    return cfg, tmp / "runs"
+
+
+def _fraction(x):
+    return isinstance(x, float) and 0.0 <= x <= 1.0
+
+
+def test_benchmark_summary_records_and_resume(bench, tmp_path, monkeypatch):
+    from safemed_lib import benchmark, dataset, paths, zoo
+
+    cfg, runs_dir = bench
+    monkeypatch.setattr(paths, "RUNS", runs_dir)
+    out = tmp_path / "o.json"
+    s = benchmark.benchmark("sft-nothink", cfg, n=4, steps=1, out=out)
+    assert s["n"] == 4 and s["mode"] == "nothink" and s["model"] == "sft-nothink"
+    assert _fraction(s["clean_acc"]) and _fraction(s["attacked_acc"])
+    assert s["settings"]["eps"] == 8 and s["settings"]["steps"] == 1 and s["settings"]["norm"] == "linf"
+    assert s["settings"]["alpha"] == pytest.approx(2.5 * 8 / 1)  # Madry's step, in 1/255 like eps
+    assert s["records"].startswith(str(runs_dir))
+    rec = json.loads(out.read_text())
+    _, test = dataset.splits(cfg)
+    want = [it.question_id for it in evaluate.subset(test, 4, seed=cfg.seed)]
+    assert [r["question_id"] for r in rec["items"]] == want  # one record per item, of the test split
+    assert {k: rec[k] for k in s} == json.loads(json.dumps(s))
+    assert s["clean_acc"] == pytest.approx(np.mean([r["clean_correct"] for r in rec["items"]]))
+    assert s["attacked_acc"] == pytest.approx(np.mean([r["attacked_correct"] for r in rec["items"]]))
+    for r in rec["items"]:
+        assert r["clean_correct"] == (r["clean_pred"] == r["answer"])
+        assert r["attacked_correct"] == (r["attacked_pred"] == r["answer"])
+
+    # a second call is read from the records: the model is not loaded
+    def no_load(*a, **k):
+        raise AssertionError("zoo.load called although the evaluation is recorded")
+
+    monkeypatch.setattr(zoo, "load", no_load)
+    out2 = tmp_path / "o2.json"
+    assert benchmark.benchmark("sft-nothink", cfg, n=4, steps=1, out=out2) == s
+    assert json.loads(out2.read_text()) == rec
+
+
+def test_benchmark_without_attack_and_bad_settings(bench, tmp_path, monkeypatch):
+    from safemed_lib import benchmark, paths, zoo
+
+    cfg, runs_dir = bench
+    monkeypatch.setattr(paths, "RUNS", runs_dir)
+    s = benchmark.benchmark("sft-nothink", cfg, n=4, attack="none", out=tmp_path / "o.json")
+    assert s["attacked_acc"] is None and _fraction(s["clean_acc"]) and s["n"] == 4
+    assert s["settings"]["alpha"] is None
+    items = json.loads((tmp_path / "o.json").read_text())["items"]
+    assert len(items) == 4 and all("attacked_pred" not in r for r in items)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        benchmark.benchmark("sft-nothink", cfg, n=4, norm="l3")
+    with pytest.raises(ValueError, match="attack must be one of"):
+        benchmark.benchmark("sft-nothink", cfg, n=4, attack="fgsm")
+    # a checkpoint directory does not say which prompt form it answers in
+    with pytest.raises(ValueError, match="mode"):
+        benchmark.benchmark(str(zoo.ensure("sft-nothink", cfg)), cfg, n=4)
+
+
+def test_eval_command_line(bench, tmp_path, monkeypatch, capsys):
+    from safemed_lib import paths
+    from safemed_lib.__main__ import main
+
+    cfg, runs_dir = bench
+    monkeypatch.setattr(paths, "RUNS", runs_dir)
+    profile = tmp_path / "tiny-test.yaml"
+    profile.write_text(cfg.to_yaml())
+    out = tmp_path / "sft-nothink.json"
+    assert main(["eval", "--profile", str(profile), "--model", "sft-nothink", "--n", "4", "--steps", "1",
+                 "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sft-nothink (nothink) on 4 questions: clean ")
+    assert "linf 8/255 PGD-1" in lines[0] and str(out) in lines[0]
+    rec = json.loads(out.read_text())
+    assert rec["n"] == 4 and len(rec["items"]) == 4 and _fraction(rec["clean_acc"]) and _fraction(rec["attacked_acc"])
+    # a bad setting is a clear error, not a traceback
+    assert main(["eval", "--profile", str(profile), "--set", "attack.eps=-1", "--model", "sft-nothink",
+                 "--out", str(out)]) == 2
+    assert "attack.eps" in capsys.readouterr().err

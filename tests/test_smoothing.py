@@ -1,4 +1,5 @@
-"""Soundness and behaviour of the randomized-smoothing certifier (safemed_lib.smoothing).
+"""Soundness and behaviour of the randomized-smoothing certifier (safemed_lib.smoothing) and of its VLM
+base classifiers and CERTIFY over items (safemed_lib.certify).
 
 The reference point is a linear binary classifier f(x) = [w.x + b > 0]: its smoothed classifier
 has pA = Phi(dist / sigma), so the exact certified radius is the distance to the hyperplane.
@@ -10,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from safemed_lib import smoothing as sm
+from safemed_lib import benchmark, certify as ce, smoothing as sm
 from safemed_lib.smoothing import ABSTAIN, certified_accuracy, certify, max_certifiable_radius, predict
 
 SHAPE = (1, 4, 4)
@@ -297,7 +298,7 @@ def test_certified_accuracy_curves_and_summary_per_group():
     assert summary.loc["MRI", "cert_acc@0.25"] == 50.0 and summary.loc["MRI", "cert_acc@0.5"] == 0.0
 
 
-# ----------------------------------------------------------------------------- VLM base classifiers
+# ----------------------------------------------------------------------------- VLM base classifiers (certify)
 
 class BrightnessVLM:
     """A stand-in VLM whose answer depends on the image's mean brightness: option k is preferred
@@ -342,16 +343,16 @@ def make_items(tmp_path, levels=(0.2, 0.5, 0.85, 0.05)):
 def test_vlm_classifiers_map_answers_to_class_ids(tmp_path):
     vlm, items = BrightnessVLM(), make_items(tmp_path)
     imgs = torch.stack([torch.full((3, 28, 28), v) for v in (0.2, 0.5, 0.85, 0.05)])
-    gen_ids = sm.generation_classifier(vlm, items[0], batch_size=3)(imgs)
+    gen_ids = ce.generation_classifier(vlm, items[0], batch_size=3)(imgs)
     assert gen_ids.tolist() == [0, 1, 2, 3]                  # 3 = "no valid answer"
     assert vlm.calls == 2                                     # two chunks (3 + 1 images)
-    assert sm.logprob_classifier(vlm, items[0])(imgs).tolist() == [0, 1, 2, 0]
+    assert ce.logprob_classifier(vlm, items[0])(imgs).tolist() == [0, 1, 2, 0]
 
 
 def test_certify_items_resumes_from_records_without_recomputing(tmp_path):
     items = make_items(tmp_path)
     kw = dict(sigma=0.05, n0=16, n=64, alpha=0.01, image_size=None, batch_size=32, seed=3)
-    full = sm.certify_items(BrightnessVLM(), items, method="generate", records_path=tmp_path / "a.jsonl", **kw)
+    full = ce.certify_items(BrightnessVLM(), items, method="generate", records_path=tmp_path / "a.jsonl", **kw)
     assert full["pred"].tolist() == [0, 1, 2, 3] and (full["radius"] > 0).all()
     assert full["correct"].tolist() == [True, True, True, False]    # "no valid answer" is wrong
     # a run killed after two items: its records hold only those two (plus a torn line)
@@ -359,17 +360,17 @@ def test_certify_items_resumes_from_records_without_recomputing(tmp_path):
     (tmp_path / "b.jsonl").write_text("".join(lines[:2]) + lines[2][:40])
     vlm = BrightnessVLM()
     with pytest.warns(UserWarning, match="torn"):
-        resumed = sm.certify_items(vlm, items, method="generate", records_path=tmp_path / "b.jsonl", **kw)
+        resumed = ce.certify_items(vlm, items, method="generate", records_path=tmp_path / "b.jsonl", **kw)
     per_item_calls = 1 + 1 + 2                 # base prediction, n0 in one batch, n in two batches
     assert vlm.calls == 2 * per_item_calls
     cols = ["question_id", "pred", "radius", "p_lower", "counts_estimation", "base_pred"]
     assert resumed[cols].equals(full[cols])
     assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 4
     with pytest.raises(ValueError, match="sigma=0.05 but this run has sigma=0.1"):
-        sm.certify_items(BrightnessVLM(), items, method="generate", records_path=tmp_path / "b.jsonl",
+        ce.certify_items(BrightnessVLM(), items, method="generate", records_path=tmp_path / "b.jsonl",
                          **{**kw, "sigma": 0.1})
     with pytest.raises(ValueError, match="method"):
-        sm.certify_items(BrightnessVLM(), items, method="sample", **kw)
+        ce.certify_items(BrightnessVLM(), items, method="sample", **kw)
 
 
 def test_real_tiny_vlm_classifiers_and_certify(tmp_path):
@@ -385,15 +386,15 @@ def test_real_tiny_vlm_classifiers_and_certify(tmp_path):
     noisy = x + 0.5 * torch.randn((4, 3, 56, 56), generator=gen(1))
     assert noisy.min() < 0 and noisy.max() > 1
     k = len(item.options)
-    ids = sm.logprob_classifier(vlm, item)(noisy)
+    ids = ce.logprob_classifier(vlm, item)(noisy)
     with torch.no_grad():
         expect = [int(s.argmax()) for s in vlm.option_logprobs(noisy, [item] * 4, prompt="nothink")]
     assert ids.tolist() == expect and all(0 <= i < k for i in expect)
-    gen_ids = sm.generation_classifier(vlm, item, prompt="nothink", max_new_tokens=6, batch_size=2)(noisy)
+    gen_ids = ce.generation_classifier(vlm, item, prompt="nothink", max_new_tokens=6, batch_size=2)(noisy)
     texts = vlm.generate(noisy, [item] * 4, prompt="nothink", max_new_tokens=6)
     assert gen_ids.tolist() == [k if parse_answer(t, k) is None else LETTERS.index(parse_answer(t, k))
                                 for t in texts]
-    c = sm.certify_detail(sm.logprob_classifier(vlm, item), x, sigma=0.25, n0=8, n=16, alpha=0.001,
+    c = sm.certify_detail(ce.logprob_classifier(vlm, item), x, sigma=0.25, n0=8, n=16, alpha=0.001,
                           batch_size=8, num_classes=k + 1, generator=gen(2))
     assert c.counts_selection.sum() == 8 and c.counts_estimation.sum() == 16
     assert c.counts_estimation[k] == 0                         # the fast path never says "no answer"
@@ -403,23 +404,23 @@ def test_real_tiny_vlm_classifiers_and_certify(tmp_path):
 
 def test_pick_items_round_robin_over_modalities(tmp_path):
     items = make_items(tmp_path, levels=(0.1, 0.2, 0.3, 0.4, 0.5))    # CT, MRI, CT, MRI, CT
-    got = sm.pick_items(items, 3)
+    got = ce.pick_items(items, 3)
     assert [it.question_id for it in got] == ["q0", "q1", "q2"]
-    assert [it.question_id for it in sm.pick_items(items, 10)] == ["q0", "q1", "q2", "q3", "q4"]
-    assert [it.modality for it in sm.pick_items(items[:1] + items[2:], 2)] == ["CT", "MRI"]
+    assert [it.question_id for it in ce.pick_items(items, 10)] == ["q0", "q1", "q2", "q3", "q4"]
+    assert [it.modality for it in ce.pick_items(items[:1] + items[2:], 2)] == ["CT", "MRI"]
 
 
-def test_model_fingerprint_tracks_weights_and_records_reject_another_model(tmp_path):
+def test_model_digest_tracks_weights_and_records_reject_another_model(tmp_path):
     vlm_a, vlm_b = BrightnessVLM(), BrightnessVLM()
     vlm_a.model = torch.nn.Linear(3, 2)
     vlm_b.model = torch.nn.Linear(3, 2)
     vlm_b.model.load_state_dict(vlm_a.model.state_dict())
-    assert sm.model_fingerprint(vlm_a) == sm.model_fingerprint(vlm_b)
+    assert benchmark.model_digest(vlm_a.model) == benchmark.model_digest(vlm_b.model)
     with torch.no_grad():
         vlm_b.model.bias[0] += 1e-3
-    assert sm.model_fingerprint(vlm_a) != sm.model_fingerprint(vlm_b)
+    assert benchmark.model_digest(vlm_a.model) != benchmark.model_digest(vlm_b.model)
     items = make_items(tmp_path, levels=(0.5,))
     kw = dict(sigma=0.1, n0=4, n=8, alpha=0.01, image_size=None, records_path=tmp_path / "r.jsonl")
-    sm.certify_items(BrightnessVLM(), items, model_id="aaa", **kw)
+    ce.certify_items(BrightnessVLM(), items, model_id="aaa", **kw)
     with pytest.raises(ValueError, match="model='aaa' but this run has model='bbb'"):
-        sm.certify_items(BrightnessVLM(), items, model_id="bbb", **kw)
+        ce.certify_items(BrightnessVLM(), items, model_id="bbb", **kw)
