@@ -1,4 +1,4 @@
-"""Randomized smoothing (Cohen, Rosenfeld & Kolter, 2019) for image classifiers and VLM answers.
+"""Randomized smoothing (Cohen, Rosenfeld & Kolter, 2019) for any image classifier: CERTIFY, PREDICT, certified accuracy.
 
 The smoothed classifier is g(x) = argmax_c P(f(x + d) = c), d ~ N(0, sigma^2 I). ``certify`` and
 ``predict`` are Cohen et al.'s CERTIFY and PREDICT, written after locuslab/smoothing's ``core.py``:
