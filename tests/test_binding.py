@@ -11,7 +11,7 @@ from safemed_lib.config import SFTRecipe
 from safemed_lib.targets import benchmark_root, scenes_for, sft_targets
 
 SIZE = 56
-TINY = dict(hidden_size=64)  # the conftest fixtures' base model (config.TinyBase fields)
+TINY = dict(hidden_size=64, copy_steps=100, vision_steps=300, pretrain_images=1)  # the conftest base (config.TinyBase fields; short pretraining)
 
 
 def _weights(vlm):

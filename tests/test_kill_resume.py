@@ -69,6 +69,7 @@ TRAIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # make test runs it; the fast tier (make unit) does not
 def test_training_resumes_after_kill_9_to_the_same_weights(tmp_path):
     import torch
 

@@ -13,7 +13,7 @@ from safemed_lib.targets import (benchmark_root, scenes_for, sft_target_list, sf
                                  think_rationale)
 
 SIZE = 56
-TINY = dict(hidden_size=64)  # the conftest fixtures' base model (config.TinyBase fields)
+TINY = dict(hidden_size=64, copy_steps=100, vision_steps=300, pretrain_images=1)  # the conftest base (config.TinyBase fields; short pretraining)
 
 
 def _weights(vlm):
@@ -254,7 +254,7 @@ def test_sft_key_records_the_base_it_starts_from(items, tmp_path):
 
 def test_base_pretrains_copying_and_the_vision_tower_on_scene_labels_only(items, base_dir, tmp_path):
     tiny = config.TinyBase(**TINY)
-    plan = base.plan(items, tiny, image_size=SIZE, seed=0)
+    plan = base.plan(items, config.TinyBase(), image_size=SIZE, seed=0)
     assert (plan["recipe"]["copy_steps"], plan["recipe"]["vision_steps"]) == (400, 2000)  # the defaults
     assert plan["recipe"]["position_weight"] == config.TinyBase().position_weight == 1.0
     assert json.loads((base_dir.parent / "copy_log.json").read_text())[-1]["step"] == tiny.copy_steps
@@ -265,7 +265,7 @@ def test_base_pretrains_copying_and_the_vision_tower_on_scene_labels_only(items,
     bare = tmp_path / "bare"
     shutil.copytree(benchmark_root(items[0]), bare, ignore=shutil.ignore_patterns(synth.SCENES_FILE))
     assert base.plan(data.load_omnimedvqa(bare), tiny, image_size=SIZE, seed=0)["recipe"]["vision_steps"] == 0
-    five = config.TinyBase(**TINY, vision_steps=5)
+    five = config.TinyBase(**{**TINY, "vision_steps": 5})
     assert base.plan(items, five, image_size=SIZE, seed=0)["recipe"]["vision_steps"] == 5
 
 
@@ -360,6 +360,7 @@ def test_zoo_adversarial_sft_starts_from_its_sft_model_and_caches(items, tmp_pat
     assert len(trained.calls) == 4 and "sft-nothink" in loads[n_loads + 1:]  # another start: trained afresh
 
 
+@pytest.mark.slow  # make test runs it; the fast tier (make unit) does not
 def test_variants_trained_in_parallel_processes_equal_sequential_training(items, tmp_path):
     """``baseline.train`` with ``sft.workers`` 2 (one process per variant) gives the very weights of
     training one after the other; the runs are then the zoo's cached models."""
