@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+\nimport pytest
 
 from safemed_lib import base, data, evaluate, models, sft, synth
 from safemed_lib.config import SFTRecipe
