@@ -6,7 +6,8 @@ import subprocess
 import sys
 import textwrap
 import time
-\nimport pytest
+
+import pytest
 
 from safemed_lib import base, data, evaluate, models, sft, synth
 from safemed_lib.config import SFTRecipe
