@@ -16,14 +16,14 @@ Learning rates are peak rates; steps are optimizer steps; item counts of 0 mean 
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .paths import PROJECT_ROOT, resolve
+from .yamlconf import ConfigError, keys, load_file, parse_overrides  # noqa: F401  (re-exported)
 
 CONFIGS = PROJECT_ROOT / "configs"
 
@@ -34,10 +34,6 @@ NonNeg = Annotated[float, Field(ge=0)]
 Share = Annotated[float, Field(gt=0, le=1)]
 Mode = Literal["think", "nothink", "think_after"]
 Norm = Literal["linf", "l2"]
-
-
-class ConfigError(ValueError):
-    """A profile or an override that does not fit the configuration; the message names the key."""
 
 
 class Block(BaseModel):
@@ -316,89 +312,11 @@ def profile_path(profile: str | Path) -> Path:
     return path
 
 
-def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``["attack.eps=4", "sft.think.steps=10"]`` -> ``{"attack.eps": 4, ...}`` (values read as YAML)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = str(pair).partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {pair!r}: expected key=value, e.g. attack.eps=4")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    out = []
-    for name, field in model.model_fields.items():
-        out.append(prefix + name)
-        ann = field.annotation
-        for sub in getattr(ann, "__args__", (ann,)):
-            if isinstance(sub, type) and issubclass(sub, BaseModel):
-                out += _keys(sub, f"{prefix}{name}.")
-    return out
-
-
-def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _keys(Config), n=3)
-    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-    return ConfigError(f"unknown configuration key {key!r}{hint}; `python -m safemed_lib config` lists them all")
-
-
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for i, k in enumerate(keys[:-1]):
-        nxt = node.get(k)
-        if nxt is None:
-            nxt = node[k] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i + 1])} is not a block")
-        node = nxt
-    node[keys[-1]] = value
-
-
-def _merge(base: dict, over: dict) -> dict:
-    """``over`` laid over ``base``, block by block (a block given in part keeps its other defaults)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _explain(e: ValidationError, where: str) -> ConfigError:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            return ConfigError(f"{where}: {_unknown(loc)}")
-        lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
-    return ConfigError(f"{where}: " + "; ".join(lines))
-
-
 def load(profile: str | Path = "tiny", overrides: dict[str, Any] | list[str] | None = None) -> Config:
     """The configuration of ``profile`` (a name in ``configs/`` or a YAML path) with ``overrides``
     (``{"attack.eps": 4}`` or ``["attack.eps=4"]``) applied; raises :class:`ConfigError` naming
     the file and the key for anything that does not fit."""
     path = profile_path(profile)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"profile {path}: not valid YAML ({e})") from e
-    if not isinstance(tree, dict):
-        raise ConfigError(f"profile {path}: expected a mapping of keys to values, got {type(tree).__name__}")
-    tree.setdefault("profile", path.stem)
-    try:
-        Config.model_validate(tree)  # the profile alone: its errors name the file
-    except ValidationError as e:
-        raise _explain(e, f"profile {path}") from None
-    tree = _merge(Config().model_dump(), tree)
     if isinstance(overrides, (list, tuple)):
         overrides = parse_overrides(overrides)
-    for key, value in (overrides or {}).items():
-        if key not in _keys(Config):
-            raise _unknown(key)
-        _set(tree, key, value)
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as e:
-        raise _explain(e, f"overrides {overrides}") from None
+    return load_file(Config, path, overrides, defaults=Config().model_dump(), setdefault={"profile": path.stem})

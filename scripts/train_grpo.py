@@ -32,7 +32,6 @@ with ``recipe.json`` (the resolved recipe and the process count), and a run resu
 """
 # no `from __future__ import annotations`: pydantic resolves the fields below when the file is loaded by path
 import argparse
-import difflib
 import json
 import os
 import sys
@@ -40,12 +39,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from safemed_lib.config import (Block, ConfigError, Count, GRPORecipe, Mode, Norm, PosFloat,  # noqa: E402
-                                PosInt)
+                                PosInt, load_file)
 
 TEST_FRAC = 0.2  # share of the images held out per image (the profiles' data.test_frac): never trained on
 
@@ -117,65 +116,12 @@ class TrainRecipe(Block):
     device: str | None = None                   # None: cuda when available, else cpu
 
 
-def _keys(model, prefix: str = "") -> list[str]:
-    out = []
-    for name, field in model.model_fields.items():
-        out.append(prefix + name)
-        for sub in getattr(field.annotation, "__args__", (field.annotation,)):
-            if isinstance(sub, type) and issubclass(sub, Block):
-                out += _keys(sub, f"{prefix}{name}.")
-    return out
-
-
-def _explain(errors: list[dict], where: str) -> ConfigError:
-    lines = []
-    for err in errors:
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc, _keys(TrainRecipe), n=3)
-            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            return ConfigError(f"{where}: unknown recipe key {loc!r}{hint}")
-        lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
-    return ConfigError(f"{where}: " + "; ".join(lines))
-
-
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for i, k in enumerate(keys[:-1]):
-        if node.get(k) is None:
-            node[k] = {}
-        node = node[k]
-        if not isinstance(node, dict):
-            raise ConfigError(f"override --{dotted}: {'.'.join(keys[:i + 1])} is not a block of the recipe")
-    node[keys[-1]] = value
-
-
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:
-    """The recipe file with ``overrides`` (``{"grpo.steps": 2}``) applied; a :class:`ConfigError`
-    naming the file or the override and the key for anything that does not fit."""
-    path = Path(path)
-    if not path.is_file():
+    """The recipe file with ``overrides`` (``{"grpo.steps": 2}``) applied (``config.load_file``): a
+    :class:`ConfigError` naming the file or the override and the key for anything that does not fit."""
+    if not Path(path).is_file():
         raise ConfigError(f"recipe {path} does not exist")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path}: not valid YAML ({e})") from e
-    if not isinstance(tree, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of keys to values")
-    try:
-        TrainRecipe.model_validate(tree)  # the file alone: its errors name the file
-    except ValidationError as e:  # (output_dir may come as an override)
-        errors = [err for err in e.errors() if not (err["type"] == "missing" and err["loc"] == ("output_dir",))]
-        if errors:
-            raise _explain(errors, f"recipe {path}") from None
-    for key, value in (overrides or {}).items():
-        _set(tree, key, value)
-    try:
-        return TrainRecipe.model_validate(tree)
-    except ValidationError as e:
-        where = ", ".join(f"--{k} {v!r}" for k, v in (overrides or {}).items())
-        raise _explain(e.errors(), f"recipe {path} with overrides {where}" if where else f"recipe {path}") from None
+    return load_file(TrainRecipe, path, overrides, what="recipe")
 
 
 def parse(argv: list[str] | None = None) -> TrainRecipe:

@@ -8,48 +8,22 @@ not see the attacked images, or if the copies of a question in its group see dif
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from trl import GRPOTrainer
 
-from safemed_lib import at_grpo, data, grpo, models, sft
-from safemed_lib.config import GRPORecipe, SFTRecipe
+from safemed_lib import at_grpo, data, grpo, models
+from safemed_lib.config import GRPORecipe
+from toy import SIZE, warm_toy_model
 
-SIZE = 56
 EPS = 8 / 255
-
-
-def _items(tmp: Path, n: int = 8, prefix: str = "q") -> list[data.VQAItem]:
-    rng = np.random.default_rng(len(prefix))
-    out = []
-    for i in range(n):
-        p = tmp / f"{prefix}im{i}.png"
-        # the answer is visible: a bright image means A, a dark one B, mid grey C
-        level = (200, 40, 120)[i % 3]
-        arr = np.clip(level + rng.integers(-30, 30, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(p)
-        out.append(data.VQAItem(question_id=f"{prefix}{i}", dataset="toy", image_path=p,
-                                question="How bright is the image?", options=["bright", "dark", "grey"],
-                                answer="ABC"[i % 3], modality=data.MODALITIES[i % 2],
-                                question_type="Modality Recognition"))
-    return out
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """(items, a warmed-up model saved on disk): load a fresh copy per test with _fresh()."""
-    tmp = tmp_path_factory.mktemp("atgrpo")
-    items = _items(tmp)
-    torch.manual_seed(0)
-    vlm = models.build_tiny_vlm([f"{it.question} {' '.join(it.options)}" for it in items] * 5,
-                                image_size=SIZE, hidden_size=64)
-    vlm = sft.train_sft(vlm, items, SFTRecipe(steps=40, lr=1e-2, batch_size=8), variant="nothink",
-                        image_size=SIZE, out_dir=tmp / "sft", log_every=5)
-    return items, vlm.save(tmp / "warm")
+    return warm_toy_model(tmp_path_factory.mktemp("atgrpo"))
 
 
 def _fresh(toy):

@@ -71,7 +71,7 @@ def test_assignment_is_validated_and_yaml_round_trips(tmp_path):
 
 def test_every_key_of_the_profiles_is_known():
     """The profiles hold only keys the classes define (a typo would be an error at load; this lists them)."""
-    keys = set(config._keys(config.Config))
+    keys = set(config.keys(config.Config))
     for name in ("smoke", "paper"):
         tree = yaml.safe_load((config.CONFIGS / f"{name}.yaml").read_text())
 
