@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import safemed_lib  # noqa: E402
-from safemed_lib import certify, config, dataset, models, smoothing  # noqa: E402
+from safemed_lib import certify, config, dataset, models, smoothing, zoo  # noqa: E402
 from safemed_lib.paths import PROJECT_ROOT  # noqa: E402
 from safemed_lib.records import atomic_write_text  # noqa: E402
 from bench_pgd import load_note  # noqa: E402
@@ -59,7 +59,8 @@ def main(argv=None):
     ap.add_argument("--profile", default="tiny", help="configs/<name>.yaml or a YAML path")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one configuration key (repeatable), e.g. --set data.n_images=40")
-    ap.add_argument("--model-dir", default=None, help="a saved VLM (VLM.save / Qwen2-VL dir); default: untrained tiny")
+    ap.add_argument("--model", default=None,
+                    help="a zoo name (trained through the cache if missing) or a checkpoint dir; default: untrained tiny")
     ap.add_argument("--batch-sizes", default="1,8,32,64")
     ap.add_argument("--gen-batch-sizes", default="1,8,32")
     ap.add_argument("--max-new-tokens", type=int, default=16)
@@ -72,8 +73,8 @@ def main(argv=None):
     size = cfg.data.image_size
     _, test = dataset.splits(cfg)
     items = test[: args.items]
-    if args.model_dir:
-        vlm, model_name = models.load_vlm(args.model_dir), str(args.model_dir)
+    if args.model:
+        vlm, model_name = zoo.load(args.model, cfg), str(args.model)
     else:
         corpus = [t for it in test[:200] for t in (it.question, *it.options)]
         vlm, model_name = models.build_tiny_vlm(corpus, seed=0, image_size=size), "untrained tiny VLM"
@@ -131,7 +132,7 @@ def main(argv=None):
               f"**{result['fast_path_speedup']:.1f}x**; vs think generation with {think_tokens} new tokens: "
               f"**{result['speedup_vs_think_generation']:.1f}x** (" + (
                   "an untrained model never stops early: generation always runs to max new tokens, the worst case"
-                  if not args.model_dir else "a trained model stops at its end-of-turn token") + ")",
+                  if not args.model else "a trained model stops at its end-of-turn token") + ")",
               f"- seconds per certified item at n0={n0}, n={n}: logprob {per_item['logprob']:.2f} s, "
               f"generate {per_item['generate']:.2f} s",
               f"- at the reference n0=100, n=100,000 the logprob path would need about "
