@@ -8,11 +8,11 @@ Measures, for one model and the profile's image size:
 * the fast path's speed-up (best logprob rate / best generation rate);
 * seconds per certified item at the profile's certify.n0 + certify.n (``certify.certify_items``, both paths).
 
-Usage:  .venv/bin/python benchmarks/bench_certify.py [--profile tiny] [--set key=value ...] [--model-dir DIR]
-Without --model-dir it builds the untrained tiny VLM on the benchmark's text; an untrained model
+Usage:  .venv/bin/python benchmarks/bench_certify.py [--profile tiny] [--set key=value ...] [--model NAME_OR_DIR]
+Without --model it builds the untrained tiny VLM on the benchmark's text; an untrained model
 never stops early, so generation always runs to its max new tokens: the worst case (a trained
 answer-only model stops after its ~6-token "<answer> X </answer>", a think model after its
-rationale). Pass --model-dir to time a trained model.
+rationale). Pass --model (e.g. sft-nothink, or a checkpoint dir) to time a trained model.
 Writes benchmarks/out/bench_certify.json and .md, with the load average the timings were taken at.
 """
 from __future__ import annotations
