@@ -26,7 +26,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
-from . import data, prompts
+from . import data, models, prompts
 from .at_grpo import ATGRPOTrainer, as_adversarial
 from .records import atomic_write_text
 
@@ -220,7 +220,8 @@ def train_grpo(vlm, train_items: Sequence[data.VQAItem], recipe, *, mode: str = 
     ``checkpoint-<step>`` (TRL/transformers checkpoints, the newest kept, every ``save_steps`` and
     at the end) and, with ``beta > 0`` and full fine-tuning, ``ref/`` (the starting weights, the KL
     reference). With ``resume`` a run continues from its newest checkpoint (a finished run just
-    reloads its final weights). Other keyword arguments go to ``GRPOConfig`` (see :func:`grpo_config`).
+    reloads its final weights). A half-precision model is upcast to float32 master weights in
+    place first (bf16 autocast does the compute on CUDA). Other keyword arguments go to ``GRPOConfig`` (see :func:`grpo_config`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -235,6 +236,8 @@ def train_grpo(vlm, train_items: Sequence[data.VQAItem], recipe, *, mode: str = 
     train_items = list(train_items)
     dataset = build_dataset(train_items, mode, image_size)
 
+    # fp32 master weights (TRL upcasts only models it loads itself); GRPOConfig's bf16 autocasts on CUDA
+    models.master_weights(vlm.model)
     lora_kw = _lora_kwargs(lora)
     if lora_kw is not None:
         vlm.add_lora(**lora_kw)

@@ -302,7 +302,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
     Minimises the mean per-token ``vlm.sequence_nll`` of the targets under the ``variant`` prompt
     (plus ``binding.binding_loss`` when the recipe has binding terms: their heads train along and
     are thrown away at the end) with AdamW, linear warm-up then cosine decay to 0, and gradient
-    clipping. Every item of every batch gets a fresh option order, seeded by (seed, step).
+    clipping, on float32 master weights (a bf16 model is upcast in place; bf16 autocast runs the
+    compute on CUDA, :mod:`safemed_lib.models.precision`). Every item of every batch gets a fresh option order, seeded by (seed, step).
     ``adversarial`` (``adversarial_settings``): adversarial training (Madry et al.), each batch's
     first ``fraction`` of images replaced by PGD images against the current weights.
 
@@ -327,6 +328,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
     aux, adv = settings["binding_aux"], settings["adversarial"]
     scenes = _scenes(items, variant, aux)
     vlm, state = _resume(vlm, out_dir, settings, recipe.steps)
+    models.master_weights(vlm.model)  # fp32 master weights: bf16 would round most updates away
     step, seconds = (state["step"], state["seconds"]) if state else (0, 0.0)
     fixed = [] if recipe.train_vision else [p for p in models.vision_tower(vlm).parameters() if p.requires_grad]
     for p in fixed:
@@ -346,17 +348,19 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
         batch, targets, idx = _batch(items, scenes, variant, recipe.batch_size, step, seed)
         images = (data.load_images(batch, size=image_size) if embed_cache is None
                   else cached_image_embeds(vlm, batch, image_size, embed_cache))
-        if adv is not None:  # the attack runs where the model is (its random start too)
-            images = images.to(vlm.device)
-            gen = torch.Generator(device=vlm.device).manual_seed(seed * 1_000_003 + step)
-            images = adversarial_images(vlm, images, batch, targets, prompt=variant, adversarial=adv, generator=gen)
-        extras = {} if heads is not None else None
-        loss = vlm.sequence_nll(images, batch, targets, prompt=variant, extras=extras).mean()
-        total, parts = loss, None
-        if heads is not None:
-            aux_loss, parts = binding.binding_loss(vlm, heads, aux, extras, batch, variant,
-                                                   scenes=[scenes[i] for i in idx] if aux["scene"] else None)
-            total = loss + aux_loss
+        with models.autocast(vlm.device):  # bf16 compute on CUDA; a no-op on the CPU
+            if adv is not None:  # the attack runs where the model is (its random start too)
+                images = images.to(vlm.device)
+                gen = torch.Generator(device=vlm.device).manual_seed(seed * 1_000_003 + step)
+                images = adversarial_images(vlm, images, batch, targets, prompt=variant, adversarial=adv,
+                                            generator=gen)
+            extras = {} if heads is not None else None
+            loss = vlm.sequence_nll(images, batch, targets, prompt=variant, extras=extras).mean()
+            total, parts = loss, None
+            if heads is not None:
+                aux_loss, parts = binding.binding_loss(vlm, heads, aux, extras, batch, variant,
+                                                       scenes=[scenes[i] for i in idx] if aux["scene"] else None)
+                total = loss + aux_loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
