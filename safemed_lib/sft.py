@@ -210,7 +210,8 @@ def _resume(vlm, out_dir: Path, settings: dict, steps: int):
     if state["step"] > steps:
         raise ValueError(f"{ckpt} is at step {state['step']} > steps={steps}; cannot train backwards")
     (out_dir / RUN_FILE).unlink(missing_ok=True)
-    return models.load_vlm(ckpt / "model", device=vlm.device, image_size=vlm.image_size), state
+    return models.load_vlm(ckpt / "model", device=vlm.device, image_size=vlm.image_size,
+                           attn_implementation=vlm.model.config._attn_implementation), state
 
 
 def _scenes(items: list, variant: str, aux: dict | None) -> list:

@@ -295,12 +295,13 @@ def ensure(name: str, cfg) -> Path:
 def load(name: str | Path, cfg, *, device=None):
     """Model ``name`` (a zoo name, or a directory holding a saved VLM or a checkpoint), trained
     through the cache when missing; a fresh copy from disk each call, on ``device`` (default: the
-    profile's ``device``)."""
+    profile's ``device``), with the profile's ``model.attn_implementation``."""
     device = device or cfg.device
     path = Path(str(name))
-    if isinstance(name, Path) or (path.is_dir() and not _is_name(str(name))):
-        return models.load_vlm(path, device=device, image_size=cfg.data.image_size)
-    return models.load_vlm(ensure(str(name), cfg), device=device, image_size=cfg.data.image_size)
+    if not (isinstance(name, Path) or (path.is_dir() and not _is_name(str(name)))):
+        path = ensure(str(name), cfg)
+    return models.load_vlm(path, device=device, image_size=cfg.data.image_size,
+                           attn_implementation=cfg.model.attn_implementation)
 
 
 def _is_name(name: str) -> bool:

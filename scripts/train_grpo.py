@@ -14,7 +14,8 @@ names it. Blocks:
   ``n_images``; ``image_size``, ``data_seed`` (generation and per-image split), optional
   ``train_filter: {modality: CT}`` and ``max_train_items`` (0: all);
 - ``model``: ``path`` (a saved VLM or a Qwen2-VL checkpoint dir; null = a tiny untrained model,
-  the same on every process, built with ``tiny_seed``), ``dtype``;
+  the same on every process, built with ``tiny_seed``), ``dtype`` (the dtype weights load in; training
+  keeps float32 master weights), ``attn_implementation``;
 - ``grpo``: the run's ``config.GRPORecipe`` (steps, lr, batch_size, num_generations, beta,
   temperature, max_completion_length);
 - ``adversarial`` (AT-GRPO; null or absent: plain GRPO): ``eps`` and ``alpha`` in 1/255 for an
@@ -62,7 +63,9 @@ class RecipeData(Block):
 class RecipeModel(Block):
     path: str | None = None       # a saved VLM or a Qwen2-VL checkpoint; None: a tiny untrained model
     tiny_seed: int = 0            # its weights' seed (the same on every process)
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the checkpoint's
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # the dtype weights load in (None: the
+    # checkpoint's); training always keeps float32 master weights, with bf16 autocast on CUDA
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None  # None: transformers' default
 
 
 class Adversarial(Block):
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"no training items left after train_filter={d.train_filter}")
 
     if m.path:
-        vlm = models.load_vlm(resolve(m.path), dtype=m.dtype, image_size=d.image_size)
+        vlm = models.load_vlm(resolve(m.path), dtype=m.dtype, image_size=d.image_size,
+                              attn_implementation=m.attn_implementation)
     else:  # deterministic in (corpus, seed): every process builds the same weights
         corpus = [f"{it.question} {' '.join(it.options)}" for it in train]
         vlm = models.build_tiny_vlm(corpus, seed=m.tiny_seed, image_size=d.image_size)

@@ -312,3 +312,23 @@ def test_lora_attach_save_load_merge_round_trip(saved, tmp_path):
     assert torch.allclose(logits(merged, x, ITEMS[:2]), tuned, atol=1e-5)
     full = models.load_vlm(merged.save(tmp_path / "merged"))
     assert torch.allclose(logits(full, x, ITEMS[:2]), tuned, atol=1e-5)
+
+
+def test_attention_implementation_is_chosen_at_load_and_checked(saved, monkeypatch):
+    assert models.load_vlm(saved, attn_implementation="eager").model.config._attn_implementation == "eager"
+    assert models.load_vlm(saved, attn_implementation="sdpa").model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        models.load_vlm(saved, attn_implementation="flash")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "flash_attn" else real(n, *a))
+    with pytest.raises(ValueError, match="flash-attn package"):
+        models.load_vlm(saved, attn_implementation="flash_attention_2")
+
+
+def test_zoo_loads_with_the_profiles_attention_implementation(saved):
+    from safemed_lib import config, zoo
+
+    cfg = config.load("smoke", {"model.attn_implementation": "eager", "data.image_size": 56})
+    assert zoo.load(saved, cfg).model.config._attn_implementation == "eager"

@@ -48,7 +48,8 @@ def _check_checkpoint(path: Path) -> str:
 
 
 def load_vlm(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-             lora: dict | str | Path | None = None, image_size: int | None = None) -> VLM:
+             lora: dict | str | Path | None = None, image_size: int | None = None,
+             attn_implementation: str | None = None) -> VLM:
     """Load what ``VLM.save`` wrote, or a real Qwen2-VL / Qwen2.5-VL checkpoint directory.
 
     Requires ``config.json`` with model_type "qwen2_vl" or "qwen2_5_vl" and safetensors weights;
@@ -57,6 +58,8 @@ def load_vlm(path: str | Path, device: str | torch.device | None = None, dtype: 
     ``dtype``: e.g. torch.float32 / "bfloat16" (default: the checkpoint's). ``lora``: a dict of
     ``peft.LoraConfig`` arguments to attach a new adapter, or the path of a saved adapter.
     ``image_size`` overrides the saved side (real checkpoints have none recorded).
+    ``attn_implementation``: "eager", "sdpa" or "flash_attention_2" (needs the flash-attn package and
+    a CUDA device); default: transformers' choice (sdpa where the model supports it).
     ``device``: default ``$SAFEMED_DEVICE`` (the profile's ``device``, which ``safemed_lib.reproduce``
     exports to the notebooks' kernels: "cuda" on the paper profile), else where the weights load (CPU).
     """
@@ -79,8 +82,9 @@ def load_vlm(path: str | Path, device: str | torch.device | None = None, dtype: 
     processor = image_only_processor(ip, tokenizer, _read_chat_template(path, tokenizer) or CHAT_TEMPLATE)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    attn = {} if attn_implementation is None else {"attn_implementation": _check_attn(attn_implementation)}
     model = _model_class(arch).from_pretrained(path, dtype=dtype or "auto", use_safetensors=True,
-                                                trust_remote_code=False)
+                                                trust_remote_code=False, **attn)
     model.eval()
     device = device or os.environ.get("SAFEMED_DEVICE") or None
     if device is not None:
@@ -93,6 +97,21 @@ def load_vlm(path: str | Path, device: str | torch.device | None = None, dtype: 
 
         vlm.model = PeftModel.from_pretrained(vlm.model, str(lora), is_trainable=False)
     return vlm
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def _check_attn(name: str) -> str:
+    """``name`` if this installation can run it, else a clear error."""
+    import importlib.util
+
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {name!r}")
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package, which is not "
+                         "installed (pip install flash-attn on a CUDA machine), or use 'sdpa'")
+    return name
 
 
 _IP_KEYS = ("size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size",
