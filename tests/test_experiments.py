@@ -196,3 +196,19 @@ def test_evaluate_model_attacks_and_caches(over, monkeypatch):
     assert loads == ["grpo-nothink"]
     assert clean3["output"].tolist() == clean["output"].tolist()
     assert (pgd3["attack_linf"] <= 2 / 255 + 1e-6).all() and pgd3["perturbed"].all()
+
+
+# --------------------------------------------------------------------------- smoothing: the cost
+def test_certify_cost_counts_samples_and_hours_at_a_measured_rate(over):
+    from safemed_lib.experiments import smoothing
+
+    cfg = config.load("smoke", {**over, "certify.models": ["sft-nothink", "atgrpo-think"], "certify.sigmas": [0.25, 0.5],
+                                "certify.n0": 4, "certify.n": 20, "certify.n_think": 10, "certify.n_items": 3,
+                                "certify.n_items_think": 2, "certify.batch_size": 4, "certify.max_new_tokens": 4})
+    table = smoothing.cost(cfg, {"sft-nothink": 2.0})
+    assert table.loc["sft-nothink", "samples"] == 3 * 2 * (4 + 20)
+    assert table.loc["atgrpo-think", "samples"] == 2 * 2 * (4 + 10)
+    assert table.loc["sft-nothink", "hours"] == pytest.approx(round(3 * 2 * 24 / 2.0 / 3600, 2))
+    assert table.loc["sft-nothink", "classifier"] == "logprob" and table.loc["atgrpo-think", "classifier"] == "generate"
+    est = smoothing.estimate(cfg)  # rates measured for the certifiable models only (no AT-GRPO trained here)
+    assert est.loc["sft-nothink", "samples/s"] > 0 and pd.isna(est.loc["atgrpo-think", "samples/s"])

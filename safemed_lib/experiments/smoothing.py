@@ -1,5 +1,6 @@
 """Randomized smoothing of the VLMs' answers (notebook 06): CERTIFY per model, sigma and question, certified accuracy.
 
+    smoothing.estimate(cfg)             # samples and hours per model at a measured rate, before running
     certs = smoothing.run(cfg)          # one row per (model, sigma, question)
     smoothing.summary(cfg, certs)       # certified accuracy (%) at the profile's radii
 """
@@ -10,7 +11,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from .. import certify, dataset, evaluate, runs, zoo
+from .. import certify, data, dataset, evaluate, runs, zoo
 from .. import smoothing as sm
 
 
@@ -28,6 +29,59 @@ def settings_table(cfg) -> pd.DataFrame:
     return t
 
 
+def _plan(cfg, name: str) -> dict:
+    """How model ``name`` is certified: its prompt, base classifier, items and samples per certificate."""
+    c = cfg.certify
+    think = name.endswith("-think")
+    method = "generate" if think or not c.fast_path else "logprob"
+    return dict(prompt="think" if think else "nothink", method=method,
+                items=c.n_items_think if think else c.n_items, n=c.n_think if think else c.n)
+
+
+def measure_rate(cfg, name: str) -> float:
+    """Noisy samples per second of model ``name``'s base classifier: one timed batch of
+    ``certify.batch_size`` noisy copies of a test image (after an untimed warm-up batch)."""
+    import torch
+
+    plan, c = _plan(cfg, name), cfg.certify
+    _, test = dataset.splits(cfg)
+    item = certify.pick_items(test, 1)[0]
+    vlm = zoo.load(name, cfg)
+    classify = (certify.logprob_classifier(vlm, item, prompt=plan["prompt"]) if plan["method"] == "logprob" else
+                certify.generation_classifier(vlm, item, prompt=plan["prompt"], max_new_tokens=c.max_new_tokens,
+                                              batch_size=c.batch_size))
+    x = data.load_images([item], size=cfg.data.image_size).to(vlm.device)
+    gen = torch.Generator(device=x.device).manual_seed(cfg.seed)  # the global RNG stays untouched
+    noise = torch.randn((c.batch_size, *x.shape[1:]), device=x.device, generator=gen)
+    noisy = x.repeat(c.batch_size, 1, 1, 1) + c.sigmas[0] * noise
+    classify(noisy[:2])
+    t0 = time.perf_counter()
+    classify(noisy)
+    return c.batch_size / (time.perf_counter() - t0)
+
+
+def cost(cfg, rates: dict[str, float] | None = None) -> pd.DataFrame:
+    """What CERTIFY costs on this profile, per model: items x sigmas certificates of n0 + n noisy
+    samples each (a teacher-forced pass each on the fast path, a generation each otherwise); with
+    ``rates`` ({model: samples per second}, :func:`measure_rate`) the hours they take at that rate."""
+    c, rows = cfg.certify, []
+    for name in c.models:
+        plan = _plan(cfg, name)
+        samples = plan["items"] * len(c.sigmas) * (c.n0 + plan["n"])
+        row = {"model": name, "classifier": plan["method"], "items": plan["items"], "sigmas": len(c.sigmas),
+               "samples per certificate": c.n0 + plan["n"], "samples": samples}
+        if rates and name in rates:
+            row.update({"samples/s": round(rates[name], 1), "hours": round(samples / rates[name] / 3600, 2)})
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")
+
+
+def estimate(cfg) -> pd.DataFrame:
+    """:func:`cost` with each certifiable model's rate measured here (:func:`available`)."""
+    names, _ = available(cfg, cfg.certify.models)
+    return cost(cfg, {n: measure_rate(cfg, n) for n in names})
+
+
 def available(cfg, names) -> tuple[list[str], list[str]]:
     """(models to certify, models skipped): SFT models train if missing; other names are certified
     only when the zoo already has them (e.g. after notebook 05)."""
@@ -37,12 +91,10 @@ def available(cfg, names) -> tuple[list[str], list[str]]:
 
 def certify_model(cfg, name: str) -> pd.DataFrame:
     """CERTIFY on every sigma for one model (records in its run directory, one run per sigma)."""
-    c = cfg.certify
-    variant = "think" if name.endswith("-think") else "nothink"
-    think = variant == "think"
-    method = "generate" if think or not c.fast_path else "logprob"
+    c, plan = cfg.certify, _plan(cfg, name)
+    variant, method = plan["prompt"], plan["method"]
     _, test = dataset.splits(cfg)
-    items = certify.pick_items(test, c.n_items_think if think else c.n_items)
+    items = certify.pick_items(test, plan["items"])
     if not items:
         return pd.DataFrame()
     key, cache = zoo.key(name, cfg), {}
@@ -54,7 +106,7 @@ def certify_model(cfg, name: str) -> pd.DataFrame:
 
     frames = []
     for sigma in c.sigmas:
-        kw = dict(sigma=sigma, n0=c.n0, n=c.n_think if think else c.n, alpha=c.alpha, method=method, prompt=variant,
+        kw = dict(sigma=sigma, n0=c.n0, n=plan["n"], alpha=c.alpha, method=method, prompt=variant,
                   image_size=cfg.data.image_size, batch_size=c.batch_size, seed=cfg.seed,
                   max_new_tokens=c.max_new_tokens, model_id=zoo.fingerprint(name, cfg),
                   desc=f"{name} sigma={sigma}")
