@@ -3,11 +3,23 @@
 No download: the model is built from a config with Qwen2-VL-2B-Instruct's dimensions (text:
 hidden 1536, 28 layers, 12 heads / 2 KV heads, MLP 8960, vocabulary 151,936, tied embeddings;
 vision: 32 blocks, width 1280, 16 heads, MLP ratio 4, patch 14, merge 2) around the tiny
-model's tokenizer and processor (random weights emit ids outside the tiny vocabulary; they decode
-to nothing, so rewards are 0 and completions run to the full length: a worst-case timing).
+model's tokenizer and processor. The run's settings default to the paper recipe
+(``configs/recipes/paper_at_grpo.yaml``: completions per step, group size, completion length,
+PGD steps, gradient checkpointing), so the timings are those of a paper-profile step.
+
+What random weights would get wrong, and how it is avoided:
+- they emit ids outside the tiny vocabulary, which decode to nothing: rewards are 0 and every
+  completion runs to the full length (a worst-case rollout timing, kept);
+- the think-mode attack scores the policy's own clean reasoning followed by the answer; decoded
+  to nothing, that target would shrink to the short answer and PGD's passes would be timed on a
+  few tokens. The attack's clean generation still runs in full, and its text is replaced by a
+  fixed synthetic reasoning of the completion length (:func:`synthetic_reasoning`).
+Between the GRPO and the AT-GRPO run the first model, its trainer and the CUDA cache are freed,
+and the memory still allocated when each run starts is recorded (``start_memory_gib``).
+
 Records seconds per step (median after a warm-up step) and peak GPU memory for a few GRPO and
 AT-GRPO steps (PGD 8/255, step 2/255, ``--pgd-steps`` steps, a ``--fraction`` of the questions
-attacked: all by default, because with 2 questions a step a random half leaves some timed steps
+attacked: all by default, because with few questions a step a random half leaves some timed steps
 without any attack; the share attacked is recorded).
 
 Without a CUDA device it writes a "skipped" record with the reason and exits 0;
@@ -20,6 +32,7 @@ Without a CUDA device it writes a "skipped" record with the reason and exits 0;
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -29,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+RECIPE = ROOT / "configs" / "recipes" / "paper_at_grpo.yaml"
 
 QWEN2_VL_2B = dict(
     text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -66,17 +81,53 @@ def build_model(layers: int | None, vision_depth: int | None, dtype, image_size:
     return models.VLM(model, tiny.processor, arch="qwen2_vl", image_size=image_size)
 
 
+def synthetic_reasoning(tokenizer, n_tokens: int, letter: str = "A") -> str:
+    """A fixed think-mode completion of ``n_tokens`` tokens: reasoning words, then the answer block."""
+    tail = f" </think>\n<answer> {letter} </answer>"
+    words = ("the image shows a region of higher intensity near the centre which suggests the finding "
+             "described by the option so the answer follows from it ").split()
+    text, i = "<think>", 0
+    while len(tokenizer(text + tail, add_special_tokens=False)["input_ids"]) < n_tokens:
+        text += " " + words[i % len(words)]
+        i += 1
+    return text + tail
+
+
+def with_reasoning(vlm, n_tokens: int) -> None:
+    """Make ``vlm.generate`` (the attack's clean generation; TRL's rollouts call the model directly)
+    run in full, then answer with :func:`synthetic_reasoning` for every think-prompt item."""
+    real, text = vlm.generate, synthetic_reasoning(vlm.tokenizer, n_tokens)
+
+    def generate(images, items, prompt="think", **kw):
+        out = real(images, items, prompt=prompt, **kw)
+        return [text if prompt == "think" else o for o in out]
+
+    vlm.generate = generate
+
+
+def _recipe_defaults() -> dict:
+    import yaml
+
+    r = yaml.safe_load(RECIPE.read_text())
+    g, adv = r["grpo"], r["adversarial"]
+    return dict(image_size=r["data"]["image_size"], batch_size=g["batch_size"], g=g["num_generations"],
+                max_len=g["max_completion_length"], pgd_steps=adv["steps"],
+                gradient_checkpointing=r["gradient_checkpointing"])
+
+
 def main(argv=None):
+    d = _recipe_defaults()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--image-size", type=int, default=392)
-    ap.add_argument("--batch-size", type=int, default=8, help="completions per step (questions x G)")
-    ap.add_argument("--g", type=int, default=4)
-    ap.add_argument("--max-len", type=int, default=128)
-    ap.add_argument("--pgd-steps", type=int, default=10)
+    ap.add_argument("--image-size", type=int, default=d["image_size"])
+    ap.add_argument("--batch-size", type=int, default=d["batch_size"], help="completions per step (questions x G)")
+    ap.add_argument("--g", type=int, default=d["g"])
+    ap.add_argument("--max-len", type=int, default=d["max_len"], help="completion length (tokens)")
+    ap.add_argument("--pgd-steps", type=int, default=d["pgd_steps"])
     ap.add_argument("--fraction", type=float, default=1.0, help="share of each step's questions attacked")
     ap.add_argument("--lora", action="store_true")
-    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                    default=d["gradient_checkpointing"])
     ap.add_argument("--cpu-smoke", action="store_true", help="2 text layers, 2 vision blocks, 56 px, on the CPU")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = ap.parse_args(argv)
@@ -112,13 +163,17 @@ def main(argv=None):
         recipe = GRPORecipe(steps=steps, lr=1e-6, num_generations=args.g, batch_size=args.batch_size, beta=0.04,
                             max_completion_length=args.max_len)
         for kind in ("grpo", "at-grpo"):
-            vlm = build_model(layers, depth, dtype, size).to(device)
-            n_params = sum(p.numel() for p in vlm.model.parameters())
-            if device == "cuda":
+            start_memory = 0.0
+            if device == "cuda":  # the previous run's model and trainer were freed below
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+                start_memory = torch.cuda.memory_allocated() / 2 ** 30
+            vlm = build_model(layers, depth, dtype, size).to(device)
+            n_params = sum(p.numel() for p in vlm.model.parameters())
             adv = None if kind == "grpo" else dict(eps=8 / 255, alpha=2 / 255, steps=args.pgd_steps,
                                                    fraction=args.fraction, measure_success=False)
+            if adv is not None:
+                with_reasoning(vlm, args.max_len)
             t0 = time.perf_counter()
             vlm = grpo.train_grpo(vlm, train, recipe, mode="think", out_dir=tmp / kind, resume=False,
                                   save_steps=10 ** 6, device=device, lora=True if args.lora else None,
@@ -127,7 +182,7 @@ def main(argv=None):
             wall = time.perf_counter() - t0
             log = grpo.read_log(tmp / kind)
             times = log["step_time"].tolist()
-            run = {"kind": kind, "params": n_params, "steps": len(times), "wall_s": wall,
+            run = {"kind": kind, "params": n_params, "steps": len(times), "wall_s": wall, "start_memory_gib": start_memory,
                    "step_s_median": statistics.median(times[1:] or times), "step_s_all": times,
                    "completion_length": float(log["completion_length"].mean())}
             if kind == "at-grpo":  # no attack column at all: no step attacked anything
@@ -139,12 +194,13 @@ def main(argv=None):
             if device == "cuda":
                 run["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             runs.append(run)
-            del vlm
+            del vlm  # with its trainer: nothing of this run may count in the next run's peak
+            gc.collect()
     record.update(status="ok", device=device, dtype=str(dtype), image_size=size, runs=runs)
     (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# {name}: Qwen2-VL-2B-sized random model, {size}x{size}, {record['dtype']}, {device}", "",
-             "| run | params | step (s, median) | attack (s, median) | share attacked | peak memory (GiB) |",
-             "|---|---|---|---|---|---|"]
+             "| run | params | step (s, median) | attack (s, median) | share attacked | memory at start (GiB) "
+             "| peak memory (GiB) |", "|---|---|---|---|---|---|---|"]
 
     def cell(r, key, fmt):
         return format(r[key], fmt) if key in r else "-"
@@ -152,7 +208,7 @@ def main(argv=None):
     for r in runs:
         lines.append(f"| {r['kind']} | {r['params'] / 1e9:.2f} B | {r['step_s_median']:.2f} | "
                      f"{cell(r, 'attack_s_median', '.2f')} | {cell(r, 'attacked_share', '.2f')} | "
-                     f"{cell(r, 'peak_memory_gib', '.1f')} |")
+                     f"{r['start_memory_gib']:.1f} | {cell(r, 'peak_memory_gib', '.1f')} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return record

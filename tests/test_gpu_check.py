@@ -26,10 +26,37 @@ def test_gpu_check_code_path_attacks_in_the_at_grpo_run(tmp_path, monkeypatch):
                             num_attention_heads=4, num_key_value_heads=2, vocab_size=4096, mrope_section=[2, 3, 3]),
                   vision=dict(gpu_check.QWEN2_VL_2B["vision"], embed_dim=32, num_heads=2))
     monkeypatch.setattr(gpu_check, "QWEN2_VL_2B", narrow)
-    record = gpu_check.main(["--cpu-smoke", "--max-len", "4", "--pgd-steps", "1", "--out", str(tmp_path)])
+    from safemed_lib import attacks
+
+    targets, real = [], attacks.vlm_answer_loss
+    monkeypatch.setattr(attacks, "vlm_answer_loss", lambda vlm, items, **kw: targets.append(
+        (vlm.tokenizer, kw["clean_outputs"])) or real(vlm, items, **kw))
+    record = gpu_check.main(["--cpu-smoke", "--max-len", "24", "--pgd-steps", "1", "--batch-size", "8", "--g", "4",
+                             "--out", str(tmp_path)])
     runs = {r["kind"]: r for r in record["runs"]}
     assert record["status"] == "ok" and set(runs) == {"grpo", "at-grpo"}
     assert runs["at-grpo"]["attacked_share"] == 1.0 and runs["at-grpo"]["attack_s_median"] > 0
     assert "attacked_share" not in runs["grpo"]
     md = (tmp_path / "gpu_check_cpu_smoke.md").read_text()
     assert "| at-grpo |" in md and "| 1.00 |" in md
+    # the think attack scored a reasoning of the completion length, not a bare answer
+    assert targets and all(len(tok(t, add_special_tokens=False)["input_ids"]) >= 24 and "<think>" in t
+                           for tok, outs in targets for t in outs.values())
+
+
+def test_gpu_check_defaults_are_the_paper_recipes():
+    import yaml
+
+    r = yaml.safe_load(gpu_check.RECIPE.read_text())
+    d = gpu_check._recipe_defaults()
+    assert d["max_len"] == r["grpo"]["max_completion_length"] and d["pgd_steps"] == r["adversarial"]["steps"]
+    assert d["gradient_checkpointing"] is True and d["g"] == r["grpo"]["num_generations"]
+
+
+def test_synthetic_reasoning_has_the_length_and_the_answer_block():
+    from safemed_lib import models, prompts
+
+    tok = models.build_tiny_vlm(["a b c"] * 3, image_size=56, hidden_size=64).tokenizer
+    text = gpu_check.synthetic_reasoning(tok, 64)
+    assert len(tok(text, add_special_tokens=False)["input_ids"]) in range(64, 70)
+    assert prompts.parse_answer(text, 4) == "A" and text.startswith("<think>")
