@@ -11,6 +11,13 @@ perturbed image. The images reach TRL as PIL images, so the adversarial image is
 Which questions are attacked, and the random start of PGD, are a pure function of (seed, step,
 question ids), so every copy of a question in its group, on any process, sees the same image.
 
+Distributed training: under ZeRO-3 / FSDP every forward pass of the policy is a collective, so
+every process must run the same attack work even when its batch has fewer (or no) questions to
+attack. The processes agree on the largest count, and the others pad with copies of one of their
+own questions (results discarded, never logged or counted). The attack runs inside TRL's own
+generation context (``trl.models.unwrap_model_for_generation`` + FSDP1's ``summon_full_params``),
+as TRL's rollouts do.
+
 The hook: ``GRPOTrainer._generate_and_score_completions`` (a private method; TRL is pinned to
 1.16.0 in pyproject.toml). ``ATGRPOTrainer`` also wraps ``_calculate_rewards`` to log clean and
 adversarial rewards separately, and raises at the first training step if either hook was not
@@ -18,6 +25,7 @@ called (a TRL upgrade that renames them fails loudly instead of silently trainin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -29,6 +37,7 @@ import numpy as np
 import torch
 import trl
 from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
 
 from . import attacks, data, prompts
 
@@ -161,52 +170,34 @@ class ATGRPOTrainer(GRPOTrainer):
         return super()._generate_and_score_completions(inputs)
 
     def _perturb(self, inputs: list[dict]) -> list[dict]:
-        """The generation batch with the attacked questions' images replaced (sets ``_adv_flags``)."""
+        """The generation batch with the attacked questions' images replaced (sets ``_adv_flags``).
+
+        Every process runs the same attack work (see :meth:`_attack`): the count of attacked
+        questions is agreed over processes (the largest), and a process with fewer pads its batch
+        with copies of one of its own questions whose results it discards. Padding is never logged
+        nor counted as an attacked image."""
         cfg, step = self.adversarial, self.state.global_step
         self._adv_flags = [False] * len(inputs)
         eps, alpha = cfg.schedule(step)
         self._log_metric("adv/eps", eps)
         qids = [row["question_id"] for row in inputs]
-        chosen = sorted({q for q in qids if _unit(self.attack_seed, step, q) < cfg.fraction}) if eps > 0 else []
-        if not chosen:
-            self._log_metric("adv/fraction", 0.0)
-            return inputs
+        chosen = self.choose(qids, step, eps)
         missing = [q for q in chosen if q not in self.items]
         if missing:
             raise KeyError(f"ATGRPOTrainer: question_id {missing[0]!r} of the training data is not among `items`")
+        n_max = self._agreed_count(len(chosen))
+        if n_max == 0:
+            self._log_metric("adv/fraction", 0.0)
+            return inputs
+        pad = chosen[0] if chosen else next((q for q in qids if q in self.items), None)
+        if pad is None:
+            raise KeyError(f"ATGRPOTrainer: no question_id of this batch ({qids[:3]} ...) is among `items`")
         t0 = time.perf_counter()
         first: dict[str, dict] = {}
         for row in inputs:
             first.setdefault(row["question_id"], row)
-        x = torch.stack([data.from_pil(first[q]["image"]) for q in chosen]).to(self.accelerator.device)
-        batch = [self.items[q] for q in chosen]
-        mode = cfg.prompt or self.mode
-        n_tokens = self.args.max_completion_length
-        model = self.vlm.model
-        was_training = model.training
-        model.eval()  # the attack must treat examples independently (no dropout noise in its gradient)
-        try:
-            clean_texts = None
-            if cfg.measure_success or attacks._resolve_target(cfg.target, mode) == "clean_reasoning":
-                clean_texts = self.vlm.generate(x, batch, prompt=mode, max_new_tokens=n_tokens)
-            loss_fn = attacks.vlm_answer_loss(
-                self.vlm, batch, prompt=mode, target=cfg.target, max_new_tokens=n_tokens,
-                clean_outputs=None if clean_texts is None else dict(zip(chosen, clean_texts)))
-            # per-question random starts: the same image for every copy of a question, on every process
-            gens = [torch.Generator(device=x.device).manual_seed(_seed_of(self.attack_seed, step, q)) for q in chosen]
-            x_adv = attacks.pgd(loss_fn, x, eps=eps, alpha=alpha, steps=cfg.steps, norm=cfg.norm,
-                                random_start=cfg.random_start, generator=gens)
-            # the trainer's processor gets PIL images: put the perturbation on the 8-bit grid by
-            # rounding it toward zero, which keeps it inside the eps-ball (L-inf and L2)
-            x_adv = attacks.round_8bit_toward(x_adv, x)
-            with torch.no_grad():
-                self._log_metric("adv/loss_clean", loss_fn(x).mean().item())
-                self._log_metric("adv/loss_adv", loss_fn(x_adv).mean().item())
-            if cfg.measure_success:
-                adv_texts = self.vlm.generate(x_adv, batch, prompt=mode, max_new_tokens=n_tokens)
-                self._log_success(clean_texts, adv_texts, batch)
-        finally:
-            model.train(was_training)
+        work = chosen + [pad] * (n_max - len(chosen))
+        x_adv = self._attack(work, [first[q]["image"] for q in work], len(chosen), step, eps, alpha)
         adv_image = {q: data.to_pil(xa) for q, xa in zip(chosen, x_adv.cpu())}
         out = []
         for i, row in enumerate(inputs):
@@ -218,6 +209,74 @@ class ATGRPOTrainer(GRPOTrainer):
         self._log_metric("adv/fraction", sum(self._adv_flags) / len(self._adv_flags))
         self._log_metric("adv/seconds", time.perf_counter() - t0)
         return out
+
+    def choose(self, qids: Sequence[str], step: int, eps: float) -> list[str]:
+        """The question ids of a batch to attack at ``step`` (sorted, no duplicates): a pure function
+        of (attack_seed, step, question id), so the same on every process and every run."""
+        if eps <= 0:
+            return []
+        return sorted({q for q in qids if _unit(self.attack_seed, step, q) < self.adversarial.fraction})
+
+    def _agreed_count(self, n: int) -> int:
+        """The largest ``n`` over all processes (one all-gather, called by every process)."""
+        if self.accelerator.num_processes == 1:
+            return n
+        counts = self.accelerator.gather(torch.tensor([n], dtype=torch.long, device=self.accelerator.device))
+        return int(counts.max().item())
+
+    @contextlib.contextmanager
+    def _policy_for_attack(self):
+        """The policy as TRL's own rollouts see it (``GRPOTrainer._generate_single_turn``): unwrapped,
+        under ZeRO-3 with its parameters gathered and its hooks removed
+        (``args.ds3_gather_for_generation``; otherwise the hooks gather per layer, the same number
+        of times on every process since every process runs the same attack work), under FSDP1 the
+        root's parameters summoned (FSDP2 needs nothing), gradient checkpointing off. ``vlm.model``
+        is that module for the time of the attack, in eval mode (independent examples: no dropout)."""
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+                                         ) as unwrapped, self._dist.summon_full_params(self.model_wrapped, recurse=False):
+            model, was_training = self.vlm.model, unwrapped.training
+            self.vlm.model = unwrapped
+            unwrapped.eval()
+            try:
+                yield unwrapped
+            finally:
+                unwrapped.train(was_training)
+                self.vlm.model = model
+
+    def _attack(self, qids: list[str], images: list, n_real: int, step: int, eps: float, alpha: float):
+        """PGD images for ``qids`` (the first ``n_real`` real, the rest padding): the same number of
+        generations, forward and backward passes on every process. Metrics from the real ones only."""
+        cfg = self.adversarial
+        x = torch.stack([data.from_pil(im) for im in images]).to(self.accelerator.device)
+        batch = [self.items[q] for q in qids]
+        mode = cfg.prompt or self.mode
+        n_tokens = self.args.max_completion_length
+        with self._policy_for_attack():
+            clean_texts = None
+            if cfg.measure_success or attacks._resolve_target(cfg.target, mode) == "clean_reasoning":
+                clean_texts = self.vlm.generate(x, batch, prompt=mode, max_new_tokens=n_tokens)
+            loss_fn = attacks.vlm_answer_loss(
+                self.vlm, batch, prompt=mode, target=cfg.target, max_new_tokens=n_tokens,
+                clean_outputs=None if clean_texts is None else dict(zip(qids, clean_texts)))
+            # per-question random starts: the same image for every copy of a question, on every process
+            gens = [torch.Generator(device=x.device).manual_seed(_seed_of(self.attack_seed, step, q)) for q in qids]
+            x_adv = attacks.pgd(loss_fn, x, eps=eps, alpha=alpha, steps=cfg.steps, norm=cfg.norm,
+                                random_start=cfg.random_start, generator=gens)
+            # the trainer's processor gets PIL images: put the perturbation on the 8-bit grid by
+            # rounding it toward zero, which keeps it inside the eps-ball (L-inf and L2)
+            x_adv = attacks.round_8bit_toward(x_adv, x)
+            with torch.no_grad():
+                loss_clean, loss_adv = loss_fn(x)[:n_real], loss_fn(x_adv)[:n_real]
+            adv_texts = self.vlm.generate(x_adv, batch, prompt=mode, max_new_tokens=n_tokens) \
+                if cfg.measure_success else None
+        if n_real:
+            self._log_metric("adv/loss_clean", loss_clean.mean().item())
+            self._log_metric("adv/loss_adv", loss_adv.mean().item())
+            if adv_texts is not None:
+                self._log_success(clean_texts[:n_real], adv_texts[:n_real], batch[:n_real])
+        return x_adv[:n_real]
 
     def _log_success(self, clean_texts: list[str], adv_texts: list[str], batch: list) -> None:
         ok_clean = [prompts.parse_answer(t, len(it.options)) == it.answer for t, it in zip(clean_texts, batch)]

@@ -8,6 +8,12 @@ not see the attacked images, or if the copies of a question in its group see dif
 from __future__ import annotations
 
 import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +126,14 @@ def test_perturb_same_image_per_question_deterministic_and_in_ball(toy, tmp_path
     flags1 = list(trainer._adv_flags)
     out2 = trainer._perturb(copy.deepcopy(rows))
     assert flags1 == trainer._adv_flags and 0 < sum(flags1) < len(rows)
+    # as a process whose peers attack more questions: padded work, the same real images and counts
+    n = trainer.attacked_images
+    trainer._agreed_count = lambda k: k + 2
+    out3 = trainer._perturb(copy.deepcopy(rows))
+    assert trainer._adv_flags == flags1 and trainer.attacked_images - n == len({r["question_id"] for r, f in
+                                                                               zip(rows, flags1) if f})
+    for o1, o3 in zip(out1, out3):
+        assert (data.from_pil(o1["image"]) - data.from_pil(o3["image"])).abs().max() <= 2 / 255 + 1e-6
     by_q: dict[str, list] = {}
     for r, o1, o2, f in zip(rows, out1, out2, flags1):
         a, b, clean = data.from_pil(o1["image"]), data.from_pil(o2["image"]), data.from_pil(r["image"])
@@ -139,3 +153,36 @@ def test_train_grpo_with_adversarial_uses_the_at_trainer(toy, tmp_path):
     assert isinstance(vlm.trainer, at_grpo.ATGRPOTrainer) and vlm.trainer.attacked_images == 2
     log = grpo.read_log(tmp_path / "at")
     assert log["adv_eps"].iloc[-1] == pytest.approx(EPS) and log["adv_fraction"].iloc[-1] == 1.0
+
+
+# --------------------------------------------------------------------------- distributed (slow)
+def run_killable(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run in its own process group, all of it killed on timeout (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s (a deadlock across processes?):\n{out[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+@pytest.mark.slow
+def test_at_grpo_two_processes_one_attacking_rank_finishes(tmp_path):
+    """2 CPU processes, only rank 0 has questions to attack, every forward pass a collective (as
+    under ZeRO-3/FSDP): the attack's work must be the same on both ranks, or this hangs."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+           str(root / "tests/at_grpo_two_ranks.py"), str(tmp_path)]
+    res = run_killable(cmd, timeout=120, env=env, cwd=root)
+    assert res.returncode == 0, res.stdout[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert ranks[0]["forwards"] == ranks[1]["forwards"]  # the same forward passes on both ranks
+    # padding is not an attack: rank 0 attacked its 2 questions, rank 1 none; 1.0 and 0.0 average to 0.5
+    assert [r["attacked_images"] for r in ranks] == [2, 0]
+    log = grpo.read_log(tmp_path / "run")
+    assert log["adv_fraction"].tolist() == [0.5]
