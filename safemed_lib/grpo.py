@@ -20,13 +20,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
-from accelerate import PartialState
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
-from . import data, models, prompts
+from . import data, grpo_dist, models, prompts
 from .at_grpo import ATGRPOTrainer, as_adversarial
 from .records import atomic_write_text
 
@@ -173,9 +172,10 @@ def _lora_kwargs(lora) -> dict | None:
     raise TypeError(f"lora must be None, True or a dict of peft.LoraConfig arguments, got {type(lora).__name__}")
 
 
-def grpo_config(out_dir: Path, recipe, *, seed: int, device: str, save_steps: int, lr_scheduler: str = "linear",
-                warmup_steps: int = 0, gradient_checkpointing: bool = False, gradient_accumulation_steps: int = 1,
-                max_grad_norm: float = 1.0, progress: bool = False, **overrides) -> GRPOConfig:
+def grpo_config(out_dir: Path, recipe, *, seed: int, device: str, save_steps: int | None = None,
+                lr_scheduler: str = "linear", warmup_steps: int = 0, gradient_checkpointing: bool = False,
+                gradient_accumulation_steps: int = 1, max_grad_norm: float = 1.0, progress: bool = False,
+                **overrides) -> GRPOConfig:
     """TRL's GRPOConfig with Med-R1's algorithm settings and this project's overrides.
 
     Med-R1: one update per generation batch (``num_iterations=1``), the original per-sequence
@@ -183,7 +183,9 @@ def grpo_config(out_dir: Path, recipe, *, seed: int, device: str, save_steps: in
     CPU-safe: TRL defaults to bf16 and gradient checkpointing on; here they are on only on a CUDA
     device with bf16 support (checkpointing only if asked). ``recipe`` (``config.GRPORecipe``): steps,
     lr, group size, completions per device and step (``batch_size / num_generations`` questions),
-    beta, temperature and completion length. ``overrides`` go to GRPOConfig.
+    beta, temperature and completion length. ``save_steps``: default every quarter of the run.
+    ``overrides`` go to GRPOConfig (e.g. ``ddp_timeout``). Under a DeepSpeed launch, building it
+    sets up transformers' DeepSpeed config: build it BEFORE loading the model for ZeRO-3's zero.Init.
     """
     cuda = device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -197,8 +199,9 @@ def grpo_config(out_dir: Path, recipe, *, seed: int, device: str, save_steps: in
         data_seed=seed, loss_type="grpo", scale_rewards="group", num_iterations=1,
         lr_scheduler_type=lr_scheduler, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
         use_cpu=not cuda, bf16=bf16, fp16=False, activation_checkpointing=bool(gradient_checkpointing and cuda),
-        logging_steps=1, save_strategy="steps", save_steps=save_steps, save_total_limit=1, report_to="none",
-        disable_tqdm=not progress, dataloader_num_workers=0, log_completions=False, remove_unused_columns=False,
+        logging_steps=1, save_strategy="steps", save_steps=save_steps or max(1, recipe.steps // 4),
+        save_total_limit=1, report_to="none", disable_tqdm=not progress, dataloader_num_workers=0,
+        log_completions=False, remove_unused_columns=False,
     )
     kw.update(overrides)
     return GRPOConfig(**kw)
@@ -207,9 +210,10 @@ def grpo_config(out_dir: Path, recipe, *, seed: int, device: str, save_steps: in
 def train_grpo(vlm, train_items: Sequence[data.VQAItem], recipe, *, mode: str = "think", out_dir: str | Path,
                seed: int = 0, adversarial=None, lora=None, resume: bool = True, image_size: int | None = None,
                save_steps: int | None = None, device: str | None = None, callbacks: Sequence[TrainerCallback] = (),
-               **config_overrides):
+               config: GRPOConfig | None = None, save_dir: str | Path | None = None, **config_overrides):
     """GRPO (``adversarial=None``) or AT-GRPO on ``train_items`` with the recipe ``recipe``
-    (``config.GRPORecipe``); returns ``vlm``, trained in place.
+    (``config.GRPORecipe``); returns ``vlm``, trained in place, with ``vlm.train_info`` (a dict:
+    trainer class, global_step, num_processes, and for AT-GRPO hook_calls and attacked_images).
 
     ``mode``: the prompt and format reward ("think", "nothink", "think_after"). ``lora``: None
     (full fine-tuning), True (r=8 on q/v) or a dict of ``peft.LoraConfig`` arguments; the adapter
@@ -219,64 +223,81 @@ def train_grpo(vlm, train_items: Sequence[data.VQAItem], recipe, *, mode: str = 
     the model is). The run lives in ``out_dir``: ``log.csv`` (one row per step),
     ``checkpoint-<step>`` (TRL/transformers checkpoints, the newest kept, every ``save_steps`` and
     at the end) and, with ``beta > 0`` and full fine-tuning, ``ref/`` (the starting weights, the KL
-    reference). With ``resume`` a run continues from its newest checkpoint (a finished run just
-    reloads its final weights). A half-precision model is upcast to float32 master weights in
-    place first (bf16 autocast does the compute on CUDA). Other keyword arguments go to ``GRPOConfig`` (see :func:`grpo_config`).
+    reference; :func:`grpo_dist.write_ref`). With ``resume`` a run continues from its newest
+    checkpoint (a finished run just reloads its final weights). A half-precision model is upcast
+    to float32 master weights in place first (bf16 autocast does the compute on CUDA). Other keyword arguments go to
+    ``GRPOConfig`` (see :func:`grpo_config`); or pass ``config``, one built by :func:`grpo_config`
+    (before loading the model, for DeepSpeed ZeRO-3). ``save_dir``: also save the final model
+    there with the trainer's own save (every process must call; ZeRO-3/FSDP-safe). The trainer is
+    freed before returning (notebooks train many models in one kernel).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if recipe.batch_size % recipe.num_generations:
         raise ValueError(f"batch_size ({recipe.batch_size} completions) must be a multiple of num_generations "
                          f"({recipe.num_generations})")
+    if config is not None and (config_overrides or save_steps is not None or device is not None):
+        raise ValueError("train_grpo: pass either a prebuilt `config` or save_steps / device / GRPOConfig "
+                         "overrides, not both")
     adversarial = as_adversarial(adversarial)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = device or vlm.device.type
     image_size = image_size or vlm.image_size
     train_items = list(train_items)
     dataset = build_dataset(train_items, mode, image_size)
 
-    # fp32 master weights (TRL upcasts only models it loads itself); GRPOConfig's bf16 autocasts on CUDA
-    models.master_weights(vlm.model)
+    # fp32 master weights (TRL upcasts only models it loads itself); GRPOConfig's bf16 autocasts on CUDA.
+    # Under DeepSpeed the engine keeps fp32 master weights itself (and ZeRO-3's parameters are partitioned).
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        models.master_weights(vlm.model)
     lora_kw = _lora_kwargs(lora)
     if lora_kw is not None:
         vlm.add_lora(**lora_kw)
     elif recipe.beta > 0:
         # TRL builds the KL reference with from_pretrained(config._name_or_path): point it at a saved
-        # copy of the STARTING weights (kept on resume, so the reference never moves).
-        # Under accelerate the main process writes it while the others wait, then they find it.
-        ref = out_dir / "ref"
-        with PartialState().main_process_first():
-            if not (ref / "config.json").is_file():
-                if get_last_checkpoint(str(out_dir)) is not None:
-                    raise RuntimeError(f"{out_dir} has checkpoints but no ref/ (the KL reference); remove the "
-                                       "run directory to start over")
-                vlm.save(ref)
-        vlm.model.config._name_or_path = str(ref)
+        # copy of the STARTING weights (kept on resume, so the reference never moves)
+        vlm.model.config._name_or_path = str(grpo_dist.write_ref(vlm, out_dir))
 
-    config = grpo_config(out_dir, recipe, seed=seed, device=device,
-                         save_steps=save_steps or max(1, recipe.steps // 4), **config_overrides)
-    kwargs = dict(model=vlm.model, reward_funcs=reward_funcs(mode), args=config, train_dataset=dataset,
-                  processing_class=vlm.processor,  # explicitly: AutoProcessor would return the tokenizer only
-                  callbacks=[CSVLogCallback(out_dir / LOG_NAME), SaveAtEndCallback(), *callbacks])
-    if adversarial is None:
-        trainer = GRPOTrainer(**kwargs)
-    else:
-        trainer = ATGRPOTrainer(**kwargs, vlm=vlm, items=train_items, mode=mode, adversarial=adversarial,
-                                attack_seed=seed)
-    if config.disable_tqdm:  # the Trainer then prints every log dict; the CSV has them already
-        trainer.remove_callback(PrinterCallback)
+    if config is None:
+        config = grpo_config(out_dir, recipe, seed=seed, device=device or vlm.device.type, save_steps=save_steps,
+                             **config_overrides)
+    trainer = _make_trainer(vlm, train_items, dataset, config, mode, adversarial, seed,
+                            [CSVLogCallback(out_dir / LOG_NAME), SaveAtEndCallback(), *callbacks])
     last = get_last_checkpoint(str(out_dir)) if resume else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
         trainer.train(resume_from_checkpoint=last)
+    if save_dir is not None and lora_kw is None:
+        grpo_dist.save_final(trainer, vlm, save_dir, lora=False)
     vlm.model = trainer.accelerator.unwrap_model(trainer.model)
     if lora_kw is not None:
         vlm.merge_lora()
+        if save_dir is not None:
+            grpo_dist.save_final(trainer, vlm, save_dir, lora=True)
     vlm.model.eval()
-    vlm.trainer = trainer  # for inspection (hook counts, metrics); not saved
+    vlm.train_info = grpo_dist.train_info(trainer)
+    grpo_dist.release(trainer)
+    del trainer
+    grpo_dist.collect()
     return vlm
+
+
+def _make_trainer(vlm, items, dataset, config, mode, adversarial, seed, callbacks):
+    """GRPOTrainer, or ATGRPOTrainer with an ``adversarial`` setting."""
+    kwargs = dict(model=vlm.model, reward_funcs=reward_funcs(mode), args=config, train_dataset=dataset,
+                  processing_class=vlm.processor,  # explicitly: AutoProcessor would return the tokenizer only
+                  callbacks=callbacks)
+    if adversarial is None:
+        trainer = GRPOTrainer(**kwargs)
+    else:
+        trainer = ATGRPOTrainer(**kwargs, vlm=vlm, items=items, mode=mode, adversarial=adversarial,
+                                attack_seed=seed)
+    if config.disable_tqdm:  # the Trainer then prints every log dict; the CSV has them already
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 # --------------------------------------------------------------------------- curves

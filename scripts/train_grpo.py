@@ -23,12 +23,20 @@ names it. Blocks:
   ``norm``, ``fraction``, ``clean_steps``, ``ramp_steps``, ... (``at_grpo.AdversarialConfig``, which
   takes [0, 1] pixel units: :meth:`Adversarial.pixels` converts);
 - top level: ``output_dir``, ``mode``, ``seed``, ``lora``, ``save_steps``,
-  ``gradient_accumulation_steps``, ``gradient_checkpointing``, ``threads``, ``device``.
+  ``gradient_accumulation_steps``, ``gradient_checkpointing``, ``threads``, ``device``,
+  ``ddp_timeout`` (seconds a collective may wait before the run fails; the process group's timeout).
 
 Overrides name a key by its dotted path (``--grpo.steps 2``, ``--adversarial.fraction 1.0``,
 ``--data.train_filter.modality CT``, ``--seed 1``); values are read as YAML (``--lora null``,
-``--adversarial null``). The final model is saved to ``<output_dir>/model`` by the main process,
-with ``recipe.json`` (the resolved recipe and the process count), and a run resumes from
+``--adversarial null``).
+
+Distributed runs: the process group is created with ``ddp_timeout``; the training config is built
+BEFORE the model is loaded, so that under DeepSpeed ZeRO-3 (``zero3_init_flag``) ``from_pretrained``
+partitions the weights as they load, and the model is then not moved to the GPU by this script. The
+KL reference (``<output_dir>/ref``) is written once per node, atomically. The final model is saved to
+``<output_dir>/model`` by the trainer's own save on every process (ZeRO-3 gathers the 16-bit
+weights, FSDP the full state dict) with what ``models.load_vlm`` needs beside it; the main process
+writes ``recipe.json`` (the resolved recipe and the process count). A run resumes from
 ``<output_dir>/checkpoint-*``.
 """
 # no `from __future__ import annotations`: pydantic resolves the fields below when the file is loaded by path
@@ -36,6 +44,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -117,6 +126,7 @@ class TrainRecipe(Block):
     gradient_checkpointing: bool = False        # on CUDA only
     threads: PosInt = 1                         # torch threads per process
     device: str | None = None                   # None: cuda when available, else cpu
+    ddp_timeout: PosInt = 1800                  # seconds a collective waits (the process group's timeout)
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainRecipe:
@@ -152,17 +162,44 @@ def main(argv: list[str] | None = None) -> Path:
     from accelerate import PartialState
 
     import safemed_lib
-    from safemed_lib import data, dataset, grpo, models
+    from safemed_lib import dataset, grpo, grpo_dist
     from safemed_lib.paths import resolve
 
     safemed_lib.set_threads(recipe.threads)
     out_dir = resolve(recipe.output_dir)
     d, m = recipe.data, recipe.model
     device = recipe.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # the same distributed state the trainer will use; the main process generates the benchmark first
-    state = PartialState(cpu=not device.startswith("cuda"))
-    with state.main_process_first():
+    # the distributed state the trainer will use, its process group created with the recipe's timeout
+    # (the trainer's ddp_timeout would come too late: the group exists by then)
+    state = PartialState(cpu=not device.startswith("cuda"), timeout=timedelta(seconds=recipe.ddp_timeout))
+    with state.main_process_first():  # the main process generates the benchmark first
         items = dataset.load_items(d.omnimedvqa_root, d.bench_dir, d.n_images, d.image_size, d.data_seed)
+    train = _train_items(items, d)
+    # the training config BEFORE the model: under a DeepSpeed ZeRO-3 launch it sets up transformers'
+    # DeepSpeed config, so that from_pretrained partitions the weights as they load (zero3_init_flag)
+    config = grpo.grpo_config(out_dir, recipe.grpo, seed=recipe.seed, device=device, save_steps=recipe.save_steps,
+                              gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+                              gradient_checkpointing=recipe.gradient_checkpointing, ddp_timeout=recipe.ddp_timeout)
+    vlm = _load_model(m, d, train, resolve)
+    if device.startswith("cuda") and not grpo_dist.zero3_enabled():  # ZeRO-3 places its partitions itself
+        vlm.to(f"cuda:{state.local_process_index}")
+
+    adversarial = recipe.adversarial.pixels() if recipe.adversarial else None
+    vlm = grpo.train_grpo(vlm, train, recipe.grpo, mode=recipe.mode, out_dir=out_dir, seed=recipe.seed,
+                          adversarial=adversarial, lora=recipe.lora, image_size=d.image_size, config=config,
+                          save_dir=out_dir / "model")
+    if state.is_main_process:
+        meta = {**recipe.model_dump(mode="json"), "n_train": len(train),
+                "num_processes": vlm.train_info["num_processes"]}
+        (out_dir / "recipe.json").write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"saved {out_dir / 'model'}; log: {out_dir / grpo.LOG_NAME}")
+    state.wait_for_everyone()
+    return out_dir
+
+
+def _train_items(items, d: RecipeData) -> list:
+    from safemed_lib import data
+
     train, _ = data.split_by_image(items, test_frac=TEST_FRAC, seed=d.data_seed)
     for key, value in d.train_filter.items():
         train = [it for it in train if getattr(it, key) == value]
@@ -170,31 +207,18 @@ def main(argv: list[str] | None = None) -> Path:
         train = train[: d.max_train_items]
     if not train:
         raise SystemExit(f"no training items left after train_filter={d.train_filter}")
+    return train
+
+
+def _load_model(m: RecipeModel, d: RecipeData, train: list, resolve):
+    from safemed_lib import models
 
     if m.path:
-        vlm = models.load_vlm(resolve(m.path), dtype=m.dtype, image_size=d.image_size,
-                              attn_implementation=m.attn_implementation)
-    else:  # deterministic in (corpus, seed): every process builds the same weights
-        corpus = [f"{it.question} {' '.join(it.options)}" for it in train]
-        vlm = models.build_tiny_vlm(corpus, seed=m.tiny_seed, image_size=d.image_size)
-    if device.startswith("cuda"):
-        vlm.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-
-    adversarial = recipe.adversarial.pixels() if recipe.adversarial else None
-    vlm = grpo.train_grpo(vlm, train, recipe.grpo, mode=recipe.mode, out_dir=out_dir, seed=recipe.seed,
-                          adversarial=adversarial, lora=recipe.lora, image_size=d.image_size,
-                          save_steps=recipe.save_steps, device=device,
-                          gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-                          gradient_checkpointing=recipe.gradient_checkpointing)
-    trainer = vlm.trainer
-    if trainer.accelerator.is_main_process:
-        vlm.save(out_dir / "model")
-        meta = {**recipe.model_dump(mode="json"), "n_train": len(train),
-                "num_processes": trainer.accelerator.num_processes}
-        (out_dir / "recipe.json").write_text(json.dumps(meta, indent=2) + "\n")
-        print(f"saved {out_dir / 'model'}; log: {out_dir / grpo.LOG_NAME}")
-    trainer.accelerator.wait_for_everyone()
-    return out_dir
+        return models.load_vlm(resolve(m.path), dtype=m.dtype, image_size=d.image_size,
+                               attn_implementation=m.attn_implementation)
+    # deterministic in (corpus, seed): every process builds the same weights
+    corpus = [f"{it.question} {' '.join(it.options)}" for it in train]
+    return models.build_tiny_vlm(corpus, seed=m.tiny_seed, image_size=d.image_size)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,15 @@ trainer is tested in test_at_grpo.py, the notebooks' experiment helpers in test_
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import weakref
+from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -19,9 +23,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from safemed_lib import at_grpo, config, data, grpo, models, prompts, runs, zoo
+from safemed_lib import at_grpo, config, data, dataset, grpo, grpo_dist, models, prompts, runs, zoo
 from safemed_lib.config import GRPORecipe
-from toy import SIZE, warm_toy_model
+from toy import SIZE, toy_items, warm_toy_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +119,7 @@ def test_train_grpo_learns_logs_and_resumes(toy, tmp_path):
     vlm3 = grpo.train_grpo(_fresh(toy), items, longer, **kw)
     log = grpo.read_log(tmp_path / "run")
     assert log["step"].tolist() == [1, 2, 3]
-    assert vlm3.trainer.state.global_step == 3
+    assert vlm3.train_info["global_step"] == 3
     # ... and a finished run just reloads its final weights (no training step)
     again = grpo.train_grpo(_fresh(toy), items, longer, **kw)
     assert torch.equal(_weights(again), _weights(vlm3))
@@ -128,6 +132,50 @@ def test_train_grpo_lora_merges_adapter(toy, tmp_path):
     vlm = grpo.train_grpo(vlm, toy[0], recipe, mode="nothink", out_dir=tmp_path / "lora", lora=True)
     assert not hasattr(vlm.model, "merge_and_unload")  # a plain model again, ready for evaluate/save
     assert isinstance(vlm.model, type(_fresh(toy).model))
+
+
+def test_train_grpo_frees_its_trainer(toy, tmp_path, monkeypatch):
+    """Notebooks train many models in one kernel: no trainer (accelerator, optimizer) outlives train_grpo."""
+    refs = []
+
+    class Spy(grpo.GRPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            refs.append(weakref.ref(self))
+
+    monkeypatch.setattr(grpo, "GRPOTrainer", Spy)
+    recipe = GRPORecipe(steps=1, lr=1e-3, num_generations=4, batch_size=8, beta=0.0, max_completion_length=4)
+    vlm = grpo.train_grpo(_fresh(toy), toy[0], recipe, mode="nothink", out_dir=tmp_path / "run")
+    gc.collect()
+    assert len(refs) == 1 and refs[0]() is None, "the trainer is still referenced after train_grpo"
+    assert vlm.train_info == {"trainer": "Spy", "global_step": 1, "num_processes": 1}
+    assert not hasattr(vlm, "trainer")
+
+
+def test_ref_is_written_atomically_and_kept(toy, tmp_path, monkeypatch):
+    """A crash while saving the KL reference leaves neither ref/ nor a temporary folder; a half
+    ref/ of an older version is not taken as complete; a complete one is never rewritten."""
+    vlm = _fresh(toy)
+    out = tmp_path / "run"
+    cls = type(vlm.model)
+    real_save = cls.save_pretrained
+
+    def crash(self, path, **kw):
+        real_save(self, path, **kw)  # config.json and the weights are there ...
+        raise OSError("disk full")   # ... but not the processor nor the settings
+
+    monkeypatch.setattr(cls, "save_pretrained", crash)
+    recipe = GRPORecipe(steps=1, lr=1e-3, num_generations=4, batch_size=8, beta=0.04, max_completion_length=4)
+    with pytest.raises(OSError, match="disk full"):
+        grpo.train_grpo(vlm, toy[0], recipe, mode="nothink", out_dir=out)
+    assert not (out / "ref" / "config.json").exists() and not any(p.name.startswith("ref") for p in out.iterdir())
+    monkeypatch.setattr(cls, "save_pretrained", real_save)
+    (out / "ref").mkdir()
+    (out / "ref" / "config.json").write_text("{}")  # what the old non-atomic write left after a crash
+    ref = grpo_dist.write_ref(vlm, out)
+    assert grpo_dist.ref_complete(ref) and models.load_vlm(ref).image_size == SIZE
+    monkeypatch.setattr(vlm, "save", lambda path: pytest.fail("a complete ref/ was rewritten"))
+    assert grpo_dist.write_ref(vlm, out) == ref
 
 
 def test_bad_arguments_fail_clearly(toy, tmp_path):
@@ -262,10 +310,56 @@ def test_train_recipe_units_overrides_and_unknown_keys(tmp_path):
         tg.main(["--config", str(bad)])
 
 
+def test_script_config_before_model_no_gpu_move_under_zero3_and_timeout(tmp_path, monkeypatch):
+    """Under DeepSpeed ZeRO-3 the training config (which sets up transformers' DeepSpeed config) must
+    exist before the model loads (zero.Init), and the script must not move the weights to the GPU;
+    the process group is created with the recipe's ddp_timeout, which the config gets too."""
+    import accelerate
+
+    tg, calls, states = _script(), [], []
+
+    class FakeState:
+        is_main_process, local_process_index = True, 0
+
+        def __init__(self, **kwargs):
+            states.append(kwargs)
+
+        def main_process_first(self):
+            return contextlib.nullcontext()
+
+        def wait_for_everyone(self):
+            pass
+
+    class FakeVLM:
+        train_info = {"num_processes": 1}
+
+        def to(self, device):
+            calls.append(("to", str(device)))
+            return self
+
+    items = toy_items(tmp_path)
+    monkeypatch.setattr(accelerate, "PartialState", FakeState)
+    monkeypatch.setattr(dataset, "load_items", lambda *a, **kw: items)
+    monkeypatch.setattr(grpo, "grpo_config", lambda *a, **kw: calls.append(("config", kw["ddp_timeout"])) or "cfg")
+    monkeypatch.setattr(models, "build_tiny_vlm", lambda *a, **kw: calls.append(("load",)) or FakeVLM())
+    monkeypatch.setattr(grpo, "train_grpo", lambda vlm, *a, **kw: calls.append(("train", kw["config"])) or vlm)
+    (tmp_path / "o").mkdir()
+    argv = ["--config", str(ROOT / "configs/recipes/tiny_grpo.yaml"), "--output_dir", str(tmp_path / "o"),
+            "--device", "cuda", "--ddp_timeout", "600"]
+    for zero3, moves in ((True, []), (False, [("to", "cuda:0")])):
+        calls.clear()
+        monkeypatch.setattr(grpo_dist, "zero3_enabled", lambda: zero3)
+        tg.main(argv)
+        assert [c for c in calls if c[0] != "to"] == [("config", 600), ("load",), ("train", "cfg")]
+        assert [c for c in calls if c[0] == "to"] == moves
+        assert states[-1] == {"cpu": False, "timeout": timedelta(seconds=600)}
+    assert tg.parse(["--config", str(ROOT / "configs/recipes/tiny_grpo.yaml")]).ddp_timeout == 1800
+
+
 # --------------------------------------------------------------------------- distributed (slow)
 @pytest.mark.slow
 def test_accelerate_two_cpu_processes(tmp_path):
-    """accelerate launch, 2 processes on the CPU (gloo), scripts/train_grpo.py, 2 AT-GRPO steps."""
+    """accelerate launch, 2 processes on the CPU (gloo), scripts/train_grpo.py, 2 AT-GRPO steps, the final save."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -284,4 +378,11 @@ def test_accelerate_two_cpu_processes(tmp_path):
     log = grpo.read_log(out)
     # ... and the trainer attacked with eps = 8/255 in pixel units
     assert log["step"].tolist() == [1, 2] and log["adv_eps"].iloc[-1] == pytest.approx(8 / 255, rel=1e-3)
-    assert (out / "model" / "config.json").is_file()
+    # the final model: saved by the trainer's own save on every process (ZeRO-3/FSDP-safe; its
+    # training_args.bin marks it), reloadable, and the weights of the final checkpoint
+    assert (out / "model" / "training_args.bin").is_file()
+    saved = models.load_vlm(out / "model")
+    assert saved.image_size == 56
+    final = models.load_vlm(out / "checkpoint-2", image_size=56).model.state_dict()
+    state = saved.model.state_dict()
+    assert state.keys() == final.keys() and all(torch.equal(state[k], v) for k, v in final.items())
