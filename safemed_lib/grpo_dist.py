@@ -34,6 +34,13 @@ def zero3_enabled() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
+def gathered(params: list):
+    """DeepSpeed ZeRO-3's context in which ``params`` are whole on every process (a collective)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 def sharded(accelerator) -> bool:
     """Whether the trainer shards the parameters themselves (ZeRO-3 or FSDP)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
@@ -76,17 +83,31 @@ def save_atomic(vlm, ref: Path) -> Path:
 
 def write_ref(vlm, out_dir: Path) -> Path:
     """``out_dir/ref``: the starting weights, written once per node by its local main process
-    (the node's other processes wait, then find it); kept if complete (resume never moves it)."""
+    (the node's other processes wait, then find it); kept if complete (resume never moves it).
+    Under ZeRO-3 the weights may be partitioned already (zero.Init): every process then joins
+    the gather of the full weights while the local main processes write."""
     out_dir = Path(out_dir)
     ref = out_dir / "ref"
     state = PartialState()
-    with state.local_main_process_first():
-        if state.is_local_main_process and not ref_complete(ref):
-            if get_last_checkpoint(str(out_dir)) is not None:
-                raise RuntimeError(f"{out_dir} has checkpoints but no complete ref/ (the KL reference); remove "
-                                   "the run directory to start over")
-            save_atomic(vlm, ref)
+    if not zero3_enabled():
+        with state.local_main_process_first():
+            if state.is_local_main_process:
+                _write_ref_once(vlm, out_dir, ref)
+        return ref
+    with gathered(list(vlm.model.parameters())):
+        if state.is_local_main_process:
+            _write_ref_once(vlm, out_dir, ref)
+    state.wait_for_everyone()
     return ref
+
+
+def _write_ref_once(vlm, out_dir: Path, ref: Path) -> None:
+    if ref_complete(ref):
+        return
+    if get_last_checkpoint(str(out_dir)) is not None:
+        raise RuntimeError(f"{out_dir} has checkpoints but no complete ref/ (the KL reference); remove "
+                           "the run directory to start over")
+    save_atomic(vlm, ref)
 
 
 # --------------------------------------------------------------------------- the final model

@@ -178,6 +178,27 @@ def test_ref_is_written_atomically_and_kept(toy, tmp_path, monkeypatch):
     assert grpo_dist.write_ref(vlm, out) == ref
 
 
+def test_ref_under_zero3_is_saved_inside_the_gather(toy, tmp_path, monkeypatch):
+    """Under ZeRO-3 (zero.Init) the starting weights are partitioned: ref/ is written inside
+    deepspeed.zero.GatheredParameters over all the model's parameters (faked here: no deepspeed)."""
+    events = []
+
+    @contextlib.contextmanager
+    def gathered(params):
+        events.append(("gather", len(params)))
+        yield
+        events.append(("release",))
+
+    monkeypatch.setattr(grpo_dist, "gathered", gathered)
+    monkeypatch.setattr(grpo_dist, "zero3_enabled", lambda: True)
+    vlm = _fresh(toy)
+    real = vlm.save
+    monkeypatch.setattr(vlm, "save", lambda path: events.append(("save",)) or real(path))
+    ref = grpo_dist.write_ref(vlm, tmp_path)
+    n = len(list(vlm.model.parameters()))
+    assert events == [("gather", n), ("save",), ("release",)] and grpo_dist.ref_complete(ref)
+
+
 def test_bad_arguments_fail_clearly(toy, tmp_path):
     with pytest.raises(ValueError, match="multiple of num_generations"):
         grpo.train_grpo(_fresh(toy), toy[0], GRPORecipe(steps=1, batch_size=6, num_generations=4), out_dir=tmp_path)
