@@ -232,10 +232,10 @@ class ATGRPOTrainer(GRPOTrainer):
         of times on every process since every process runs the same attack work), under FSDP1 the
         root's parameters summoned (FSDP2 needs nothing), gradient checkpointing off. ``vlm.model``
         is that module for the time of the attack, in eval mode (independent examples: no dropout)."""
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-                                         ) as unwrapped, self._dist.summon_full_params(self.model_wrapped, recurse=False):
+        unwrap = unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                             gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
+        with unwrap as unwrapped, self._dist.summon_full_params(self.model_wrapped, recurse=False):
             model, was_training = self.vlm.model, unwrapped.training
             self.vlm.model = unwrapped
             unwrapped.eval()

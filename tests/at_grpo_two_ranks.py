@@ -53,7 +53,8 @@ def main(out: Path) -> None:
     recipe = GRPORecipe(steps=1, lr=1e-3, num_generations=2, batch_size=4, beta=0.0, max_completion_length=4)
     vlm = grpo.train_grpo(vlm, items, recipe, mode="nothink", out_dir=out / "run", device="cpu", save_steps=10,
                           adversarial={"eps": 8 / 255, "alpha": 2 / 255, "steps": 2, "fraction": 0.5})
-    (out / f"rank{state.process_index}.json").write_text(json.dumps({"forwards": forwards[0], **getattr(vlm, "train_info", {})}))
+    facts = {"forwards": forwards[0], **getattr(vlm, "train_info", {})}
+    (out / f"rank{state.process_index}.json").write_text(json.dumps(facts))
 
 
 if __name__ == "__main__":
