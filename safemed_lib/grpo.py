@@ -52,11 +52,20 @@ LOG_COLUMNS = {
 
 
 # --------------------------------------------------------------------------- data and rewards
-def build_dataset(items: Sequence[data.VQAItem], mode: str, image_size: int | None):
+def build_dataset(items: Sequence[data.VQAItem], mode: str, image_size: int | None, *,
+                  cache_dir: str | Path | None = None):
     """TRL's dataset for ``items``: a conversational ``prompt`` (user text =
     ``prompts.build_prompt(item, mode)``; TRL inserts the image block), ``image`` (PIL at
     ``image_size``), and the columns the rewards and the attack read: ``answer`` (letter),
-    ``n_options``, ``question_id``, ``modality``, ``question_type``."""
+    ``n_options``, ``question_id``, ``modality``, ``question_type``.
+
+    Images are not held in memory: each original is resized once into the on-disk cache
+    (:mod:`safemed_lib.data.cache`, under ``cache_dir``; later builds only look entries up), the
+    dataset stores the entry's path in ``image_path``, and a transform opens it when a row is
+    read, so every row still carries a PIL ``image`` with the pixels of
+    ``to_pil(load_image(item.image_path, image_size))``. ``image_size=None`` keeps the originals
+    (on the model's grid) and decodes them at each read. A bad original fails here, naming it.
+    """
     from datasets import Dataset
 
     if mode not in MODES:
@@ -67,22 +76,38 @@ def build_dataset(items: Sequence[data.VQAItem], mode: str, image_size: int | No
     ids = [it.question_id for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError("build_dataset: duplicate question_id among the training items")
-    cache: dict[str, Image.Image] = {}  # one decode per image (several questions share one)
-    images = []
+    entries: dict[str, str] = {}  # one cache look-up per image (several questions share one)
     for it in items:
         key = str(it.image_path)
-        if key not in cache:
-            cache[key] = data.to_pil(data.load_image(it.image_path, image_size))
-        images.append(cache[key])
-    return Dataset.from_dict({
+        if key not in entries:
+            entries[key] = key if image_size is None else str(
+                data.cached_image_path(it.image_path, image_size, cache_dir))
+    ds = Dataset.from_dict({
         "prompt": [[{"role": "user", "content": prompts.build_prompt(it, mode)}] for it in items],
-        "image": images,
+        "image_path": [entries[str(it.image_path)] for it in items],
         "answer": [it.answer for it in items],
         "n_options": [len(it.options) for it in items],
         "question_id": ids,
         "modality": [it.modality for it in items],
         "question_type": [it.question_type for it in items],
     })
+    return ds.with_transform(_ImageColumn(image_size is None))
+
+
+class _ImageColumn:
+    """``Dataset.with_transform`` function: adds the decoded PIL ``image`` of each row's ``image_path``
+    (a cache entry, or with ``originals`` the original on the model's grid)."""
+
+    def __init__(self, originals: bool):
+        self.originals = originals
+
+    def _open(self, path: str) -> Image.Image:
+        return data.to_pil(data.load_image(path)) if self.originals else data.open_cached(path)
+
+    def __call__(self, batch: dict) -> dict:
+        if "image_path" not in batch:  # a read of other columns only (ds["answer"])
+            return batch
+        return {**batch, "image": [self._open(p) for p in batch["image_path"]]}
 
 
 def reward_funcs(mode: str) -> list[Callable]:
@@ -244,7 +269,8 @@ def train_grpo(vlm, train_items: Sequence[data.VQAItem], recipe, *, mode: str = 
     out_dir.mkdir(parents=True, exist_ok=True)
     image_size = image_size or vlm.image_size
     train_items = list(train_items)
-    dataset = build_dataset(train_items, mode, image_size)
+    with PartialState().main_process_first():  # the main process fills the image cache, the others read it
+        dataset = build_dataset(train_items, mode, image_size)
 
     # fp32 master weights (TRL upcasts only models it loads itself); GRPOConfig's bf16 autocasts on CUDA.
     # Under DeepSpeed the engine keeps fp32 master weights itself (and ZeRO-3's parameters are partitioned).

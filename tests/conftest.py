@@ -14,6 +14,13 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _image_cache(tmp_path_factory):
+    """Resized-image cache entries of a test session go to a temporary folder, not data/cache."""
+    os.environ.setdefault("SAFEMED_IMAGE_CACHE", str(tmp_path_factory.mktemp("image-cache")))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

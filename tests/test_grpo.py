@@ -18,9 +18,11 @@ import weakref
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from pydantic import ValidationError
 
 from safemed_lib import at_grpo, config, data, dataset, grpo, grpo_dist, models, prompts, runs, zoo
@@ -48,18 +50,80 @@ def _weights(vlm) -> torch.Tensor:
 def test_build_dataset_columns_prompt_and_exact_images(toy):
     items = toy[0]
     ds = grpo.build_dataset(items, "think", SIZE)
-    assert set(ds.column_names) >= {"prompt", "image", "answer", "n_options", "question_id", "modality",
+    # the table holds paths (of resized cache entries); the image is decoded when a row is read
+    assert set(ds.column_names) >= {"prompt", "image_path", "answer", "n_options", "question_id", "modality",
                                     "question_type"}
     row = ds[3]
+    assert set(row) >= {"prompt", "image", "answer", "n_options", "question_id", "modality", "question_type"}
     assert row["prompt"] == [{"role": "user", "content": prompts.build_prompt(items[3], "think")}]
     assert row["answer"] == items[3].answer and row["n_options"] == 3
     assert row["image"].size == (SIZE, SIZE)
     # PIL round trip is exact for 8-bit images: the trainer sees the pixels evaluate() sees
     assert torch.equal(data.from_pil(row["image"]), data.load_image(items[3].image_path, SIZE))
+    assert ds["answer"] == [it.answer for it in items]  # column reads need no image
     with pytest.raises(ValueError, match="duplicate question_id"):
         grpo.build_dataset([items[0], items[0]], "think", SIZE)
     with pytest.raises(ValueError, match="mode"):
         grpo.build_dataset(items, "chatty", SIZE)
+
+
+def _large_items(tmp: Path, n: int = 5) -> list[data.VQAItem]:
+    """Items on larger, off-size originals (several modes); the last two questions share one image."""
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (203 + 7 * i, 301, 3), dtype=np.uint8) for i in range(n - 2)]
+    ims = [Image.fromarray(a) for a in arrays] + [Image.fromarray((arrays[0][..., 0].astype(np.uint16) * 257))]
+    out = []
+    for i in range(n):
+        p = tmp / f"big{min(i, n - 2)}.png"
+        if not p.exists():
+            ims[min(i, n - 2)].save(p)
+        out.append(data.VQAItem(question_id=f"b{i}", dataset="toy", image_path=p, question="Which?",
+                                options=["x", "y"], answer="AB"[i % 2], modality="CT",
+                                question_type="Modality Recognition"))
+    return out
+
+
+def _eager_images(items, size):
+    """The images of the dataset before the cache: one decode and resize per image, held as PIL."""
+    return [data.to_pil(data.load_image(it.image_path, size)) for it in items]
+
+
+def test_build_dataset_lazy_images_match_eager_and_hit_the_cache(tmp_path, monkeypatch):
+    items = _large_items(tmp_path)
+    eager = _eager_images(items, SIZE)
+    decoded = []
+    real = data.images._open_image
+    monkeypatch.setattr(data.images, "_open_image", lambda p: decoded.append(Path(p)) or real(p))
+    originals = {it.image_path for it in items}
+    for build in range(2):
+        decoded.clear()
+        ds = grpo.build_dataset(items, "nothink", SIZE, cache_dir=tmp_path / "cache")
+        # first build: each distinct original decoded once (the shared one too); second build: none
+        assert [p for p in decoded if p in originals] == ([it.image_path for it in items[:-1]] if build == 0 else [])
+        assert ds.features["image_path"].dtype == "string"  # no images in the table
+        for i, im in enumerate(eager):
+            got = ds[i]["image"]
+            assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(im)), (build, i)
+        rows = ds.__getitems__([4, 0])  # the DataLoader's batched read
+        assert np.array_equal(np.asarray(rows[0]["image"]), np.asarray(eager[4]))
+    assert [p for p in decoded if p in originals] == []  # reading rows decodes cache entries only
+
+
+def test_build_dataset_changed_or_bad_original(tmp_path):
+    items = _large_items(tmp_path, n=3)
+    grpo.build_dataset(items, "think", SIZE, cache_dir=tmp_path / "cache")
+    # a changed original is re-read, never served from its stale entry
+    p = items[0].image_path
+    st = p.stat()
+    Image.fromarray(np.full((203, 301, 3), 7, np.uint8)).save(p)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    ds = grpo.build_dataset(items, "think", SIZE, cache_dir=tmp_path / "cache")
+    assert np.array_equal(np.asarray(ds[0]["image"]), np.asarray(_eager_images(items[:1], SIZE)[0]))
+    assert np.asarray(ds[0]["image"]).max() == 7
+    # an unreadable original fails at start-up, naming the file
+    p.write_bytes(b"not a png")
+    with pytest.raises(data.DataError, match=rf"{p.name} cannot be read by PIL"):
+        grpo.build_dataset(items, "think", SIZE, cache_dir=tmp_path / "cache")
 
 
 def test_reward_funcs_are_med_r1_format_plus_accuracy():

@@ -75,13 +75,25 @@ def load_image(path: str | Path, size: int | None = None, *, grid: int | None = 
     ``grid`` too. ``grid=None`` turns the grid check off. Images larger than PIL's
     ``Image.MAX_IMAGE_PIXELS`` (decompression bombs) raise DataError.
     """
-    path = Path(path)
+    return pil_to_tensor(resized_pil(path, size, grid=grid))
+
+
+def check_size(size, grid: int | None = 28) -> None:
+    """DataError unless ``size`` is None or a positive int on the ``grid`` (see :func:`load_image`)."""
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
         raise DataError(f"size must be a positive int, got {size!r}")
     if grid and size is not None and size % grid:
         up = math.ceil(size / grid) * grid
         raise DataError(f"size {size} is not a multiple of {grid} (the model's pixel grid); "
                         f"use e.g. {up}, or grid=None")
+
+
+def resized_pil(path: str | Path, size: int | None = None, *, grid: int | None = 28) -> Image.Image:
+    """The PIL image :func:`load_image` turns into its tensor: ``RGB`` (8-bit) or ``F`` (grey,
+    clipped to [0, 1]), resized to ``size x size`` when ``size`` is given. Saving it losslessly
+    and loading that file with ``load_image(file, None, grid=None)`` gives the same tensor."""
+    path = Path(path)
+    check_size(size, grid)
     im = _to_rgb_or_float(_open_image(path), path)
     if size is not None:
         im = im.resize((size, size), Image.Resampling.BICUBIC)
@@ -89,6 +101,13 @@ def load_image(path: str | Path, size: int | None = None, *, grid: int | None = 
         raise DataError(f"image {path} is {im.width}x{im.height}, not on the {grid}-pixel grid; "
                         f"pass size= (e.g. size={max(grid, round(max(im.size) / grid) * grid)}) "
                         f"to resize it")
+    if im.mode == "F":  # bicubic overshoots [0, 1]: clip here, so the saved image is what load_image returns
+        im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0), mode="F")
+    return im
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    """An ``RGB`` or ``F`` image from :func:`resized_pil` as a float (3, H, W) tensor in [0, 1]."""
     if im.mode == "F":
         x = torch.from_numpy(np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0).copy())
         return x.unsqueeze(0).expand(3, -1, -1).contiguous()
