@@ -347,7 +347,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
     while step < recipe.steps:
         t0 = time.perf_counter()
         batch, targets, idx = _batch(items, scenes, variant, recipe.batch_size, step, seed)
-        images = (data.load_images(batch, size=image_size) if embed_cache is None
+        images = (data.load_images(batch, size=image_size, cached=True) if embed_cache is None
                   else cached_image_embeds(vlm, batch, image_size, embed_cache))
         with models.autocast(vlm.device):  # bf16 compute on CUDA; a no-op on the CPU
             if adv is not None:  # the attack runs where the model is (its random start too)

@@ -140,3 +140,12 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert D.cached_image_path(orig, 28).is_relative_to(tmp_path / "c")
     monkeypatch.delenv(cache.CACHE_ENV)
     assert D.default_cache_dir().parts[-3:] == ("data", "cache", "images")
+
+
+def test_load_images_cached_is_bit_identical_and_decodes_once(tmp_path, monkeypatch):
+    origs = _originals(tmp_path)
+    ref = D.load_images(origs, 56)
+    seen = _count_decodes(monkeypatch)
+    for _ in range(2):
+        assert torch.equal(D.load_images(origs, 56, cached=True, cache_dir=tmp_path / "cache"), ref)
+    assert sorted(p for p in seen if p in origs) == sorted(origs)  # each original decoded once in two calls

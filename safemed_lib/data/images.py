@@ -116,15 +116,23 @@ def pil_to_tensor(im: Image.Image) -> torch.Tensor:
 
 
 def load_images(items: Sequence[VQAItem | str | Path], size: int | None, *,
-                grid: int | None = 28) -> torch.Tensor:
+                grid: int | None = 28, cached: bool = False, cache_dir: str | Path | None = None
+                ) -> torch.Tensor:
     """A batch (B, 3, size, size) from VQAItems or paths (see :func:`load_image`).
 
-    With ``size=None`` all images must already share one on-grid shape.
+    With ``size=None`` all images must already share one on-grid shape. With ``cached`` (and a
+    ``size``) each original is resized once into the on-disk cache (:mod:`safemed_lib.data.cache`,
+    under ``cache_dir``) and later calls read the resized file: the same tensor, bit for bit.
     """
     paths = [it.image_path if isinstance(it, VQAItem) else Path(it) for it in items]
     if not paths:
         raise DataError("load_images: no items")
-    xs = [load_image(p, size, grid=grid) for p in paths]
+    if cached and size is not None:
+        from .cache import cached_image_path
+
+        xs = [load_image(cached_image_path(p, size, cache_dir, grid=grid), None, grid=None) for p in paths]
+    else:
+        xs = [load_image(p, size, grid=grid) for p in paths]
     shapes = {tuple(x.shape) for x in xs}
     if len(shapes) > 1:
         raise DataError(f"load_images: images have different shapes {sorted(shapes)}; pass size=")
