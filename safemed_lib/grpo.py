@@ -269,7 +269,7 @@ def train_grpo(vlm, train_items: Sequence[data.VQAItem], recipe, *, mode: str = 
     out_dir.mkdir(parents=True, exist_ok=True)
     image_size = image_size or vlm.image_size
     train_items = list(train_items)
-    with PartialState().main_process_first():  # the main process fills the image cache, the others read it
+    with PartialState().local_main_process_first():  # one process per node fills the image cache (atomic writes)
         dataset = build_dataset(train_items, mode, image_size)
 
     # fp32 master weights (TRL upcasts only models it loads itself); GRPOConfig's bf16 autocasts on CUDA.
