@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from accelerate import PartialState
 from PIL import Image
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
