@@ -62,7 +62,9 @@ class AdversarialConfig:
     prompt: the prompt mode of the attack loss (None: the training mode).
     target: what the attack loss scores (``attacks.answer_targets``): "answer" (the reference
         answer block), "clean_reasoning" (the policy's greedy reasoning on the clean image, then
-        the reference answer) or "auto" (answer for nothink, clean_reasoning otherwise).
+        the reference answer), "auto" (answer for nothink, clean_reasoning otherwise),
+        "first_token" (the policy's clean greedy first token) or "margin" (the option letters'
+        margin; answer-first prompts): see ``attacks.attack_loss``.
     measure_success: per batch, greedy-decode attacked questions on the clean and the adversarial
         image and log the attack's success rate (correct -> wrong); costs two short generations.
     """
@@ -258,7 +260,7 @@ class ATGRPOTrainer(GRPOTrainer):
             if cfg.measure_success or attacks._resolve_target(cfg.target, mode) == "clean_reasoning":
                 clean_texts = self.vlm.generate(x, batch, prompt=mode, max_new_tokens=n_tokens)
             loss_fn = attacks.vlm_answer_loss(
-                self.vlm, batch, prompt=mode, target=cfg.target, max_new_tokens=n_tokens,
+                self.vlm, batch, prompt=mode, target=cfg.target, max_new_tokens=n_tokens, clean_images=x,
                 clean_outputs=None if clean_texts is None else dict(zip(qids, clean_texts)))
             # per-question random starts: the same image for every copy of a question, on every process
             gens = [torch.Generator(device=x.device).manual_seed(_seed_of(self.attack_seed, step, q)) for q in qids]

@@ -14,6 +14,10 @@ public SafeMed-R1 fork). For think models the target is the model's own greedy r
 clean image followed by the true answer (:func:`answer_targets`, ``target="clean_reasoning"``):
 what the model regenerates at test time, so the attack moves it off that reasoning and off the
 true answer given it; the rationale-free ``<answer> X </answer>`` target is available too.
+Two more objectives (:func:`attack_loss`): ``"first_token"``, the NLL of the model's own clean
+greedy first token (the objective of the first author's evaluation fork, here inside a real
+pixel-space ball), and ``"margin"``, Carlini & Wagner's margin on the option letters of an
+answer-first model (:func:`option_margin`).
 :func:`pgd_perturb` wraps it as a `perturb(images, items)` hook for
 `safemed_lib.evaluate.evaluate`, which then generates on the adversarial image, parses the answer
 and compares it with the truth (the attack is judged end to end).
@@ -189,7 +193,8 @@ def round_8bit_toward(x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the VLM loss
 
-TARGETS = ("auto", "answer", "clean_reasoning")
+TARGETS = ("auto", "answer", "clean_reasoning", "first_token", "margin")
+ANSWER_FIRST = ("nothink", "think_after")  # prompts whose completion starts with "<answer>"
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
 _TAGS = re.compile(r"<answer>.*?</answer>|</?(think|answer)>", re.DOTALL | re.IGNORECASE)
 
@@ -199,6 +204,9 @@ def _resolve_target(target: str, prompt: str) -> str:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if prompt not in prompts.MODES:
         raise ValueError(f"prompt must be one of {prompts.MODES}, got {prompt!r}")
+    if target == "margin" and prompt not in ANSWER_FIRST:
+        raise ValueError(f"target 'margin' scores the option letter right after '<answer>', so it needs an "
+                         f"answer-first prompt {ANSWER_FIRST}; got prompt {prompt!r} (use 'clean_reasoning')")
     if target == "auto":
         return "answer" if prompt == "nothink" else "clean_reasoning"
     return target
@@ -229,6 +237,8 @@ def answer_targets(vlm, items: Sequence, *, prompt: str, target: str = "auto", c
     "clean_reasoning" for think / think_after.
     """
     kind = _resolve_target(target, prompt)
+    if kind in ("first_token", "margin"):
+        raise ValueError(f"target {kind!r} scores no completion text: use attack_loss")
     items = list(items)
     if kind == "answer":
         return [prompts.format_completion(it.answer, "nothink") for it in items], ["answer"] * len(items)
@@ -265,8 +275,11 @@ def vlm_answer_loss(vlm, items: Sequence, *, prompt: str, target: str = "auto",
     normalized ``pixel_values``). ``reduction="sum"`` is -log p(target | image, prompt); "mean"
     divides by the target's length. The end-of-turn token is scored after a complete completion;
     for a think prompt's bare answer target it is not (the model would go on to reason).
+    ``target`` "first_token" or "margin" (with ``targets=None``) gives :func:`attack_loss`'s loss.
     """
     items = list(items)
+    if targets is None and _resolve_target(target, prompt) in ("first_token", "margin"):
+        return attack_loss(vlm, items, prompt=prompt, target=target, clean_images=clean_images)[0]
     if targets is None:
         targets, _ = answer_targets(vlm, items, prompt=prompt, target=target, clean_images=clean_images,
                                     clean_outputs=clean_outputs, max_new_tokens=max_new_tokens)
@@ -283,6 +296,71 @@ def vlm_answer_loss(vlm, items: Sequence, *, prompt: str, target: str = "auto",
     return loss_fn
 
 
+def first_tokens(vlm, images: torch.Tensor, items: Sequence, *, prompt: str) -> list[int]:
+    """The id of the first token of each item's clean greedy completion (one decoding step)."""
+    return vlm.generate(images, list(items), prompt=prompt, max_new_tokens=1, return_ids=True)[:, 0].tolist()
+
+
+def first_token_loss(vlm, items: Sequence, *, prompt: str, token_ids: Sequence[int]) -> LossFn:
+    """``x -> (B,)`` cross-entropy of ``token_ids`` (one per item) as the completion's first token."""
+    items = list(items)
+    if len(token_ids) != len(items):
+        raise ValueError(f"token_ids: {len(token_ids)} ids for {len(items)} items")
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=vlm.device).view(-1, 1)
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        return -vlm.next_token_logprobs(x, items, prompt).gather(1, ids).squeeze(1)
+
+    return loss_fn
+
+
+def option_margin(logps: Sequence[torch.Tensor], answers: Sequence[int]) -> torch.Tensor:
+    """Carlini & Wagner's margin, ``max_{j != y} s_j - s_y``, per item (B,): positive exactly when a
+    wrong option outscores the right one ``y``. On log-probs it equals the margin of the logits
+    (the log-softmax shifts every letter by the same normalizer)."""
+    out = []
+    for s, y in zip(logps, answers):
+        if not 0 <= y < len(s) or len(s) < 2:
+            raise ValueError(f"answers: option index {y} for {len(s)} options")
+        out.append(torch.cat([s[:y], s[y + 1:]]).max() - s[y])
+    return torch.stack(out)
+
+
+def margin_loss(vlm, items: Sequence, *, prompt: str) -> LossFn:
+    """``x -> (B,)`` :func:`option_margin` of ``vlm.option_logprobs`` (the letter right after the
+    teacher-forced ``"<answer>"``) against each item's true letter; answer-first prompts only."""
+    _resolve_target("margin", prompt)
+    items = list(items)
+    answers = [prompts.LETTERS.index(it.answer.strip().upper()) for it in items]
+    return lambda x: option_margin(vlm.option_logprobs(x, items, prompt=prompt), answers)
+
+
+def attack_loss(vlm, items: Sequence, *, prompt: str, target: str = "auto", clean_images=None,
+                clean_outputs: dict[str, str] | None = None, reduction: str = "sum",
+                max_new_tokens: int = 256) -> tuple[LossFn, list[str]]:
+    """The ``loss_fn`` that :func:`pgd` ascends for objective ``target``, and its kind per item.
+
+    "answer" / "clean_reasoning" / "auto": :func:`vlm_answer_loss`. "first_token": the NLL of the
+    first token the model emits greedily on the clean image (``clean_images`` needed), fixed for
+    the whole attack: the attack succeeds in its own terms once that token is no longer the
+    greedy choice. (The fork, IgoyAI/AdvMed-R1, re-takes the argmax at every step, i.e. lowers
+    whichever token is on top; both start from the same token without a random start.) For the
+    ``"<answer>"`` / ``"<think>"`` formats that first token is a format token, not the answer, so
+    the objective is a weak proxy for a wrong answer. "margin": :func:`margin_loss`.
+    """
+    kind, items = _resolve_target(target, prompt), list(items)
+    if kind == "margin":
+        return margin_loss(vlm, items, prompt=prompt), ["margin"] * len(items)
+    if kind == "first_token":
+        if clean_images is None:
+            raise ValueError("target 'first_token' needs clean_images= (its target is the clean first token)")
+        ids = first_tokens(vlm, clean_images, items, prompt=prompt)
+        return first_token_loss(vlm, items, prompt=prompt, token_ids=ids), ["first_token"] * len(items)
+    targets, kinds = answer_targets(vlm, items, prompt=prompt, target=target, clean_images=clean_images,
+                                    clean_outputs=clean_outputs, max_new_tokens=max_new_tokens)
+    return vlm_answer_loss(vlm, items, prompt=prompt, targets=targets, reduction=reduction), kinds
+
+
 def default_alpha(eps: float, steps: int) -> float:
     """Madry et al.'s step-size rule, 2.5 * eps / steps (2/255 for eps 8/255 with 10 steps)."""
     return 2.5 * eps / steps
@@ -294,8 +372,8 @@ def pgd_perturb(vlm, *, prompt: str, eps: float, alpha: float | None = None, ste
                 reduction: str = "sum", max_new_tokens: int = 256) -> Callable:
     """A ``perturb(images, items) -> (images, extras)`` hook for ``evaluate.evaluate``.
 
-    Each batch is attacked with :func:`pgd` on :func:`vlm_answer_loss` (``alpha`` defaults to
-    :func:`default_alpha`). The random start of each item is drawn from its own generator seeded
+    Each batch is attacked with :func:`pgd` on :func:`attack_loss` for objective ``target``
+    (``alpha`` defaults to :func:`default_alpha`). The random start of each item is drawn from its own generator seeded
     by ``(seed, question_id)``, so results do not depend on batching or on resuming. With
     ``rounding`` the adversarial image is put on the 8-bit grid (:func:`round_8bit_toward`: what
     saving it as PNG does, without leaving the ball); ``evaluate`` records ``rounded_8bit``.
@@ -313,9 +391,8 @@ def pgd_perturb(vlm, *, prompt: str, eps: float, alpha: float | None = None, ste
     def perturb(images: torch.Tensor, items: Sequence):
         items = list(items)
         images = images.to(vlm.device, torch.float32)
-        targets, kinds = answer_targets(vlm, items, prompt=prompt, target=target, clean_images=images,
-                                        clean_outputs=clean_outputs, max_new_tokens=max_new_tokens)
-        loss_fn = vlm_answer_loss(vlm, items, prompt=prompt, targets=targets, reduction=reduction)
+        loss_fn, kinds = attack_loss(vlm, items, prompt=prompt, target=target, clean_images=images,
+                                     clean_outputs=clean_outputs, reduction=reduction, max_new_tokens=max_new_tokens)
         if eps > 0:
             gens = [torch.Generator(device=images.device).manual_seed(item_seed(seed, it.question_id))
                     for it in items]

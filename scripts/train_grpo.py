@@ -90,7 +90,7 @@ class Adversarial(Block):
     ramp_steps: Count = 0
     random_start: bool = True
     prompt: Mode | None = None
-    target: Literal["auto", "answer", "clean_reasoning"] = "auto"
+    target: Literal["auto", "answer", "clean_reasoning", "first_token", "margin"] = "auto"
     measure_success: bool = True
 
     @model_validator(mode="after")

@@ -289,6 +289,15 @@ class VLM:
             raise ValueError(f"at most {len(self._letter_ids)} options are supported, got {n}")
         return [self._letter_ids[letter] for letter in prompts.LETTERS[:n]]
 
+    def next_token_logprobs(self, images, items: Sequence[Any], prompt: str = "nothink", prefix: str = "") -> torch.Tensor:
+        """(B, vocab) log-probabilities (full log-softmax, float32) of the token after the prompt and
+        the teacher-forced ``prefix`` ("" : the completion's first token). One forward pass; follows
+        the caller's grad mode (differentiable w.r.t. ``images``)."""
+        items = list(items)
+        ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        inputs, _ = self._encode(images, items, prompt, [ids] * len(items))
+        return torch.log_softmax(self.model(**inputs, logits_to_keep=1).logits[:, -1].float(), -1)
+
     def option_logprobs(self, images, items: Sequence[Any], prompt: str = "nothink") -> list[torch.Tensor]:
         """Log-probability of each option letter right after the teacher-forced ``"<answer>"``.
 
@@ -300,17 +309,16 @@ class VLM:
         Follows the caller's grad mode (differentiable w.r.t. ``images``).
         """
         items = list(items)
-        prefix = self.tokenizer(prompts.ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
-        inputs, _ = self._encode(images, items, prompt, [prefix] * len(items))
-        logp = torch.log_softmax(self.model(**inputs, logits_to_keep=1).logits[:, -1].float(), -1)
+        logp = self.next_token_logprobs(images, items, prompt, prefix=prompts.ANSWER_PREFIX)
         return [logp[b, self.letter_token_ids(len(it.options))] for b, it in enumerate(items)]
 
     # -------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, images, items: Sequence[Any], prompt: str = "think", max_new_tokens: int = 256,
-                 **generate_kwargs) -> list[str]:
+                 return_ids: bool = False, **generate_kwargs) -> list[str] | torch.Tensor:
         """Batched greedy decoding (``do_sample=False``); returns the decoded completions only
-        (special tokens removed). ``prompt`` is one mode for all items or a list, one per item."""
+        (special tokens removed), or with ``return_ids`` their token ids (B, new tokens; right-padded
+        with the pad id after an end). ``prompt`` is one mode for all items or a list, one per item."""
         items = list(items)
         if isinstance(images, ImageEmbeds):
             raise TypeError("generate takes images, not ImageEmbeds (only sequence_nll and option_logprobs do)")
@@ -334,7 +342,7 @@ class VLM:
         finally:
             self.model.train(was_training)
         new = out[:, inputs["input_ids"].shape[1]:]
-        return tok.batch_decode(new, skip_special_tokens=True)
+        return new if return_ids else tok.batch_decode(new, skip_special_tokens=True)
 
     def _encode_mixed(self, images, items, modes) -> dict:
         if isinstance(images, ImageEmbeds):
