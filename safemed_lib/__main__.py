@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--eps", type=float, default=8.0, help="radius: 1/255 for linf, [0,1] pixel units for l2")
     ev.add_argument("--steps", type=int, default=10)
     ev.add_argument("--restarts", type=int, default=1)
+    ev.add_argument("--target", choices=("auto", "answer", "clean_reasoning", "first_token", "margin"), default="auto",
+                    help="the attack's objective: the NLL of the answer (auto: after the clean reasoning for think "
+                         "models) or of the clean first token, or the option-letter margin (answer-first models)")
     ev.add_argument("--method", choices=("generate", "logprob"), default="generate",
                     help="answers by greedy generation, or by the option-letter log-probs (answer-only)")
     ev.add_argument("--out", required=True, help="summary + per-item records (JSON)")
@@ -82,11 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from . import benchmark
 
-    s = benchmark.benchmark(args.model, cfg, mode=args.mode, n=args.n, bench_seed=args.bench_seed, attack=args.attack,
-                            norm=args.norm, eps=args.eps, steps=args.steps, restarts=args.restarts,
-                            method=args.method, out=args.out)
+    try:
+        s = benchmark.benchmark(args.model, cfg, mode=args.mode, n=args.n, bench_seed=args.bench_seed,
+                                attack=args.attack, norm=args.norm, eps=args.eps, steps=args.steps,
+                                restarts=args.restarts, target=args.target, method=args.method, out=args.out)
+    except benchmark.SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    objective = "" if args.target == "auto" else f" ({args.target})"
     threat = "" if s["attacked_acc"] is None else \
-        f", {args.norm} {args.eps:g}{'/255' if args.norm == 'linf' else ''} PGD-{args.steps}: {s['attacked_acc']:.1%}"
+        f", {args.norm} {args.eps:g}{'/255' if args.norm == 'linf' else ''} PGD-{args.steps}{objective}: " \
+        f"{s['attacked_acc']:.1%}"
     print(f"{s['model']} ({s['mode']}) on {s['n']} questions: clean {s['clean_acc']:.1%}{threat} -> {args.out}")
     return 0
 

@@ -172,6 +172,10 @@ def strongest(df, attack_names: Sequence[str] | None = None, *, include_clean: b
 THREATS = ("none", "pgd")
 
 
+class SettingsError(ValueError):
+    """A bad argument of :func:`benchmark`, found before any model is loaded (the CLI prints it)."""
+
+
 def mode_of(model: str) -> str | None:
     """The prompt form a zoo name implies ("...-think" / "...-nothink"), else None."""
     for mode in ("nothink", "think"):
@@ -201,13 +205,16 @@ def benchmark(model: str | Path, cfg, *, mode: str | None = None, n: int | None 
     from .records import atomic_write_text
 
     if attack not in THREATS:
-        raise ValueError(f"attack must be one of {THREATS}, got {attack!r}")
+        raise SettingsError(f"attack must be one of {THREATS}, got {attack!r}")
     if norm not in attacks.NORMS:
-        raise ValueError(f"norm must be one of {attacks.NORMS}, got {norm!r}")
+        raise SettingsError(f"norm must be one of {attacks.NORMS}, got {norm!r}")
     mode = mode or mode_of(model)
     if mode is None:
-        raise ValueError(f"{model}: say which prompt form it answers in (mode think or nothink)")
-    attacks._resolve_target(target, mode)  # before any model is loaded
+        raise SettingsError(f"{model}: say which prompt form it answers in (mode think or nothink)")
+    try:
+        attacks._resolve_target(target, mode)
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
     _, test = dataset.splits(cfg, bench_seed=bench_seed)
     items = evaluate.subset(test, cfg.eval.n if n is None else n, seed=cfg.seed)
     is_name = not Path(str(model)).is_dir()

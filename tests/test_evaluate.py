@@ -410,3 +410,39 @@ def test_eval_command_line(bench, tmp_path, monkeypatch, capsys):
     assert main(["eval", "--profile", str(profile), "--set", "attack.eps=-1", "--model", "sft-nothink",
                  "--out", str(out)]) == 2
     assert "attack.eps" in capsys.readouterr().err
+
+
+def test_eval_command_line_objective(bench, tmp_path, monkeypatch, capsys):
+    """--target reaches the attack (per-item attack_target), the summary's settings and the run key;
+    the default leaves earlier runs' record directories as they were; margin on think is refused."""
+    from safemed_lib import attacks, paths
+    from safemed_lib.__main__ import main
+
+    cfg, runs_dir = bench
+    monkeypatch.setattr(paths, "RUNS", runs_dir)
+    profile = tmp_path / "tiny-test.yaml"
+    profile.write_text(cfg.to_yaml())
+    base = ["eval", "--profile", str(profile), "--model", "sft-nothink", "--n", "2", "--steps", "1"]
+    seen = []
+    real = attacks.pgd_perturb
+    monkeypatch.setattr(attacks, "pgd_perturb", lambda *a, **k: seen.append(k["target"]) or real(*a, **k))
+    recs = {}
+    for target in ("auto", "first_token", "margin"):
+        out = tmp_path / f"{target}.json"
+        assert main(base + ["--target", target, "--out", str(out)]) == 0
+        recs[target] = json.loads(out.read_text())
+        assert recs[target]["settings"]["target"] == target
+        assert ("(margin)" in capsys.readouterr().out) == (target == "margin")
+    assert seen[-1] == "margin" and "first_token" in seen
+    records = {t: r["records"] for t, r in recs.items()}
+    assert len(set(records.values())) == 3
+    from safemed_lib import runs, zoo  # the default's run key is the one from before --target existed
+    old = {"mode": "nothink", "method": "generate", "bench_seed": None, "attack": "pgd", "norm": "linf",
+           "eps": 8.0, "steps": 1, "restarts": 1, "seed": cfg.seed}
+    fp = runs.fingerprint([zoo.key("sft-nothink", cfg), old])
+    assert records["auto"] == str(runs_dir / "eval" / cfg.profile / f"sft-nothink-{fp}")
+    assert main(["eval", "--profile", str(profile), "--model", "sft-think", "--n", "2", "--target", "margin",
+                 "--out", str(tmp_path / "x.json")]) == 2
+    assert "answer-first" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--target", "logits", "--out", str(tmp_path / "y.json")])
