@@ -145,6 +145,18 @@ def test_perturb_same_image_per_question_deterministic_and_in_ball(toy, tmp_path
         assert all(torch.equal(imgs[0], im) for im in imgs)
 
 
+@pytest.mark.parametrize("target", ["first_token", "margin"])
+def test_perturb_with_the_other_objectives(toy, tmp_path, target):
+    """The training attack takes attacks.attack_loss's objectives too (the first token needs the clean images)."""
+    items = toy[0]
+    trainer = _at_trainer(_fresh(toy), items, tmp_path, fraction=1.0, target=target, measure_success=False)
+    ds = grpo.build_dataset(items, "nothink", SIZE)
+    rows = [ds[i] for i in range(2)]
+    out = trainer._perturb(copy.deepcopy(rows))
+    for r, o in zip(rows, out):
+        assert 0 < (data.from_pil(o["image"]) - data.from_pil(r["image"])).abs().max().item() <= EPS + 1e-6
+
+
 def test_train_grpo_with_adversarial_uses_the_at_trainer(toy, tmp_path):
     """grpo.train_grpo with an ``adversarial`` dict (pixel units) trains AT-GRPO: the attack's columns are logged."""
     recipe = GRPORecipe(steps=1, lr=1e-3, num_generations=4, batch_size=8, beta=0.0, max_completion_length=6)
