@@ -51,6 +51,15 @@ def attack_grid(linf_eps: Sequence[float] = (1, 2, 4, 8, 16), l2_eps: Sequence[f
     return grid
 
 
+def fork_attack(eps: float = 0.03, alpha: float = 0.01, steps: int = 10, name: str = "fork_first_token") -> dict:
+    """The evaluation attack of IgoyAI/AdvMed-R1 (SafeMed-R1's first author's fork) as a grid entry:
+    the first completion token's cross-entropy, eps 0.03, step 0.01, 10 steps, no random start. The
+    fork applies these to the normalized ``pixel_values`` and clamps those to [0, 1], which bounds
+    nothing in pixel space; here eps is an L-inf radius on the [0, 1] image (0.03 ~ 7.7/255)."""
+    return {"name": name, "norm": "linf", "eps": float(eps), "alpha": float(alpha), "steps": int(steps),
+            "target": "first_token", "random_start": False}
+
+
 def evaluate_attacks(vlm, items: Sequence, *, prompt: str, image_size: int | None, grid: Sequence[dict],
                      records_dir, tag: str, method: str = "generate", batch_size: int = 16,
                      max_new_tokens: int = 64, seed: int = 0, restarts: int = 1, target: str = "auto",
@@ -91,8 +100,8 @@ def evaluate_attacks(vlm, items: Sequence, *, prompt: str, image_size: int | Non
         r, t = g.get("restarts", restarts), g.get("target", target)
         hook = attacks.pgd_perturb(vlm, prompt=prompt, eps=g["eps"], alpha=g.get("alpha"), steps=g["steps"],
                                    norm=g["norm"], target=t, restarts=r, random_start=g.get("random_start", True),
-                                   seed=seed, rounding=rounding, clean_outputs=outputs if method == "generate" else None,
-                                   max_new_tokens=max_new_tokens)
+                                   seed=seed, rounding=rounding, max_new_tokens=max_new_tokens,
+                                   clean_outputs=outputs if method == "generate" else None)
         # the same digest as before per-entry settings existed: an entry's own keys are in g already
         settings = dict(g, seed=seed, restarts=r, target=t, rounding=rounding)
         df = evaluate.evaluate(vlm, items, records_path=path(g["name"], settings), perturb=hook,
@@ -248,7 +257,8 @@ def benchmark(model: str | Path, cfg, *, mode: str | None = None, n: int | None 
     summary = {"model": str(model), "mode": mode, "profile": cfg.profile, "n": len(items),
                "clean_acc": float(clean["correct"].mean()),
                "attacked_acc": None if attacked is None else float(attacked["correct"].mean()),
-               "settings": {**settings, "target": target, "image_size": cfg.data.image_size, "max_new_tokens": cfg.eval.max_new_tokens,
+               "settings": {**settings, "target": target, "image_size": cfg.data.image_size,
+                            "max_new_tokens": cfg.eval.max_new_tokens,
                             "alpha": None if attack == "none" else attacks.default_alpha(eps, steps)},
                "records": str(run_dir)}
     if out is not None:

@@ -148,6 +148,9 @@ def test_attack_grid_per_entry_settings():
     assert all(e["restarts"] == 5 and e["target"] == "margin" and e["random_start"] is False for e in g)
     with pytest.raises(ValueError, match="target"):
         benchmark.attack_grid(target="logits")
+    fork = benchmark.fork_attack()
+    assert (fork["eps"], fork["alpha"], fork["steps"], fork["target"], fork["random_start"]) == \
+        (0.03, 0.01, 10, "first_token", False)
 
 
 def test_evaluate_attacks_mixed_grid(vlm, vqa, tmp_path):

@@ -289,7 +289,8 @@ class VLM:
             raise ValueError(f"at most {len(self._letter_ids)} options are supported, got {n}")
         return [self._letter_ids[letter] for letter in prompts.LETTERS[:n]]
 
-    def next_token_logprobs(self, images, items: Sequence[Any], prompt: str = "nothink", prefix: str = "") -> torch.Tensor:
+    def next_token_logprobs(self, images, items: Sequence[Any], prompt: str = "nothink",
+                            prefix: str = "") -> torch.Tensor:
         """(B, vocab) log-probabilities (full log-softmax, float32) of the token after the prompt and
         the teacher-forced ``prefix`` ("" : the completion's first token). One forward pass; follows
         the caller's grad mode (differentiable w.r.t. ``images``)."""
