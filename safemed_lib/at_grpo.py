@@ -65,8 +65,11 @@ class AdversarialConfig:
         the reference answer), "auto" (answer for nothink, clean_reasoning otherwise),
         "first_token" (the policy's clean greedy first token) or "margin" (the option letters'
         margin; answer-first prompts): see ``attacks.attack_loss``.
-    measure_success: per batch, greedy-decode attacked questions on the clean and the adversarial
-        image and log the attack's success rate (correct -> wrong); costs two short generations.
+    measure_success: greedy-decode the attacked questions on the clean and the adversarial image
+        and log the attack's success rate (correct -> wrong), every ``success_every`` optimizer
+        steps (steps 0, N, 2N, ...): it costs a generation on the adversarial image (and, where the
+        target does not need one anyway, on the clean image).
+    success_every: how often (in optimizer steps, >= 1) the success rate is measured.
     """
 
     eps: float = 8 / 255
@@ -80,6 +83,7 @@ class AdversarialConfig:
     prompt: str | None = None
     target: str = "auto"
     measure_success: bool = True
+    success_every: int = 10
 
     def __post_init__(self):
         if self.norm not in attacks.NORMS:
@@ -90,6 +94,8 @@ class AdversarialConfig:
             raise ValueError(f"adversarial needs eps >= 0 and alpha > 0, got eps={self.eps}, alpha={self.alpha}")
         if int(self.steps) != self.steps or self.steps < 1:
             raise ValueError(f"adversarial.steps must be an integer >= 1, got {self.steps}")
+        if int(self.success_every) != self.success_every or self.success_every < 1:
+            raise ValueError(f"adversarial.success_every must be an integer >= 1, got {self.success_every}")
         if self.clean_steps < 0 or self.ramp_steps < 0:
             raise ValueError("adversarial.clean_steps and ramp_steps must be >= 0")
         if self.prompt is not None and self.prompt not in MODES:
@@ -140,9 +146,11 @@ class ATGRPOTrainer(GRPOTrainer):
 
     Logged per generation batch: ``rewards/clean`` and ``rewards/adversarial`` (total reward of
     the rollouts on clean and on attacked images), the same per reward function, ``adv/eps``,
-    ``adv/fraction`` (share of rollouts attacked), ``adv/loss_clean`` / ``adv/loss_adv`` (the attack
-    objective before and after), ``adv/success_rate`` (greedy answers flipped from correct to wrong
-    among the attacked questions answered correctly on the clean image), ``adv/seconds``.
+    ``adv/fraction`` (share of rollouts attacked), ``adv/loss_start`` / ``adv/loss_adv`` (the attack
+    objective at PGD's start, i.e. the clean image or its random start, and at its last iterate
+    before 8-bit rounding, both from the attack's own trace), ``adv/success_rate`` (greedy answers
+    flipped from correct to wrong among the attacked questions answered correctly on the clean
+    image; every ``success_every`` steps), ``adv/seconds``.
     """
 
     def __init__(self, *args, vlm, items: Sequence[data.VQAItem], mode: str,
@@ -256,25 +264,24 @@ class ATGRPOTrainer(GRPOTrainer):
         mode = cfg.prompt or self.mode
         n_tokens = self.args.max_completion_length
         with self._policy_for_attack():
+            measure = cfg.measure_success and step % cfg.success_every == 0  # the same on every process
             clean_texts = None
-            if cfg.measure_success or attacks._resolve_target(cfg.target, mode) == "clean_reasoning":
+            if measure or attacks._resolve_target(cfg.target, mode) == "clean_reasoning":
                 clean_texts = self.vlm.generate(x, batch, prompt=mode, max_new_tokens=n_tokens)
             loss_fn = attacks.vlm_answer_loss(
                 self.vlm, batch, prompt=mode, target=cfg.target, max_new_tokens=n_tokens, clean_images=x,
                 clean_outputs=None if clean_texts is None else dict(zip(qids, clean_texts)))
             # per-question random starts: the same image for every copy of a question, on every process
             gens = [torch.Generator(device=x.device).manual_seed(_seed_of(self.attack_seed, step, q)) for q in qids]
-            x_adv = attacks.pgd(loss_fn, x, eps=eps, alpha=alpha, steps=cfg.steps, norm=cfg.norm,
-                                random_start=cfg.random_start, generator=gens)
+            x_adv, trace = attacks.pgd(loss_fn, x, eps=eps, alpha=alpha, steps=cfg.steps, norm=cfg.norm,
+                                       random_start=cfg.random_start, generator=gens, return_trace=True)
             # the trainer's processor gets PIL images: put the perturbation on the 8-bit grid by
             # rounding it toward zero, which keeps it inside the eps-ball (L-inf and L2)
             x_adv = attacks.round_8bit_toward(x_adv, x)
-            with torch.no_grad():
-                loss_clean, loss_adv = loss_fn(x)[:n_real], loss_fn(x_adv)[:n_real]
-            adv_texts = self.vlm.generate(x_adv, batch, prompt=mode, max_new_tokens=n_tokens) \
-                if cfg.measure_success else None
+            loss_start, loss_adv = trace[0, 0, :n_real], trace[0, -1, :n_real]  # no extra forward passes
+            adv_texts = self.vlm.generate(x_adv, batch, prompt=mode, max_new_tokens=n_tokens) if measure else None
         if n_real:
-            self._log_metric("adv/loss_clean", loss_clean.mean().item())
+            self._log_metric("adv/loss_start", loss_start.mean().item())
             self._log_metric("adv/loss_adv", loss_adv.mean().item())
             if adv_texts is not None:
                 self._log_success(clean_texts[:n_real], adv_texts[:n_real], batch[:n_real])

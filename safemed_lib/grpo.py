@@ -45,7 +45,7 @@ LOG_COLUMNS = {
     "adv/success_rate": "adv_success_rate",
     "adv/eps": "adv_eps",
     "adv/fraction": "adv_fraction",
-    "adv/loss_clean": "adv_loss_clean",
+    "adv/loss_start": "adv_loss_start",
     "adv/loss_adv": "adv_loss_adv",
     "adv/seconds": "adv_seconds",
     "step_time": "step_time",
@@ -166,7 +166,7 @@ def write_log_csv(history: list[dict], path: Path) -> Path:
             rec[log_column(k)] = v
     first = ["step", "reward", "reward_format", "reward_accuracy", "completion_length", "kl", "loss", "lr",
              "reward_clean", "reward_adv", "reward_accuracy_clean", "reward_accuracy_adv", "adv_success_rate",
-             "adv_eps", "adv_fraction", "adv_loss_clean", "adv_loss_adv", "adv_seconds", "step_time"]
+             "adv_eps", "adv_fraction", "adv_loss_start", "adv_loss_adv", "adv_seconds", "step_time"]
     present = {k for r in table.values() for k in r}
     cols = [c for c in first if c in present] + sorted(present - set(first))
     buf = io.StringIO()

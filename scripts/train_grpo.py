@@ -92,6 +92,7 @@ class Adversarial(Block):
     prompt: Mode | None = None
     target: Literal["auto", "answer", "clean_reasoning", "first_token", "margin"] = "auto"
     measure_success: bool = True
+    success_every: PosInt = 10      # measure the attack's success rate every this many optimizer steps
 
     @model_validator(mode="after")
     def _linf_units(self):

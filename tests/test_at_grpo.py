@@ -96,7 +96,7 @@ def test_at_grpo_hook_is_called_and_loss_sees_adversarial_pixels(toy, tmp_path):
         assert 0 < d <= EPS + 1e-5, (q, d)
     m = trainer.state.log_history[0]
     assert m["adv/fraction"] == 1.0 and m["rewards/adversarial"] is not None
-    assert m["adv/loss_adv"] > m["adv/loss_clean"]  # PGD raised the answer NLL
+    assert m["adv/loss_adv"] > m["adv/loss_start"]  # PGD raised the answer NLL (from its own trace)
 
 
 def test_at_grpo_fails_loudly_when_hook_is_bypassed(toy, tmp_path, monkeypatch):
@@ -143,6 +143,34 @@ def test_perturb_same_image_per_question_deterministic_and_in_ball(toy, tmp_path
         assert (0 < delta <= EPS + 1e-6) if f else delta == 0
     for imgs in by_q.values():  # every copy of a question carries the same image
         assert all(torch.equal(imgs[0], im) for im in imgs)
+
+
+def test_attack_costs_pgd_passes_plus_one_and_measures_success_every_n_steps(toy, tmp_path):
+    """The attack's logged losses come from PGD's own trace (one forward pass beyond PGD's, where
+    two extra passes were spent before), and the success rate's generations run every
+    ``success_every`` steps only (every step before)."""
+    items = toy[0]
+    vlm = _fresh(toy)
+    trainer = _at_trainer(vlm, items, tmp_path, fraction=1.0, success_every=3)
+    trainer.model.train()
+    ds = grpo.build_dataset(items[:2], "nothink", SIZE)
+    rows = [ds[i] for i in range(2) for _ in range(4)]
+    calls = {"forward": 0, "generate": 0}
+    vlm.model.register_forward_pre_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1))
+    real_generate = vlm.generate
+    vlm.generate = lambda *a, **k: calls.__setitem__("generate", calls["generate"] + 1) or real_generate(*a, **k)
+    per_step = []
+    for step in range(4):
+        trainer.state.global_step = step
+        before = dict(calls)
+        trainer._perturb(copy.deepcopy(rows))
+        per_step.append({k: calls[k] - before[k] for k in calls})
+    measured = [s for s, c in enumerate(per_step) if c["generate"]]
+    assert measured == [0, 3]  # clean + adversarial generation on measured steps only (nothink: no clean target)
+    assert all(c["generate"] == 2 for c in per_step if c["generate"])
+    quiet = [c for c in per_step if not c["generate"]]
+    assert quiet and all(c["forward"] == 2 + 1 for c in quiet)  # 2 PGD steps + the final iterate's loss
+    assert len(trainer._pending_metrics["adv/loss_start"]) == 4 and "adv/loss_clean" not in trainer._pending_metrics
 
 
 @pytest.mark.parametrize("target", ["first_token", "margin"])
