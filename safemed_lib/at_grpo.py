@@ -145,7 +145,10 @@ class ATGRPOTrainer(GRPOTrainer):
     ``adversarial`` (an :class:`AdversarialConfig`), ``attack_seed``.
 
     Logged per generation batch: ``rewards/clean`` and ``rewards/adversarial`` (total reward of
-    the rollouts on clean and on attacked images), the same per reward function, ``adv/eps``,
+    the rollouts on clean and on attacked images), the same per reward function,
+    ``rewards/clean_frac_zero_std`` / ``rewards/adversarial_frac_zero_std`` (share of clean / attacked
+    groups whose G rewards are all equal: they give no gradient; TRL logs ``reward_std`` and
+    ``frac_reward_zero_std`` over all groups), ``adv/eps``,
     ``adv/fraction`` (share of rollouts attacked), ``adv/loss_start`` / ``adv/loss_adv`` (the attack
     objective at PGD's start, i.e. the clean image or its random start, and at its last iterate
     before 8-bit rounding, both from the attack's own trace), ``adv/success_rate`` (greedy answers
@@ -310,8 +313,13 @@ class ATGRPOTrainer(GRPOTrainer):
         weights = self.reward_weights.to(rewards_per_func.device)
         total = (rewards_per_func * weights).nansum(dim=1)
         metrics = self._metrics["train"]
-        for name, mask in (("clean", ~flags), ("adversarial", flags)):
+        # groups (G consecutive rollouts of one question) whose rewards are all equal give GRPO no gradient
+        group_std = total.view(-1, self.num_generations).std(dim=1)
+        group_adv = flags.view(-1, self.num_generations).all(dim=1)
+        for name, mask, gmask in (("clean", ~flags, ~group_adv), ("adversarial", flags, group_adv)):
             metrics[f"rewards/{name}"].append(total[mask].mean().item() if mask.any() else math.nan)
+            metrics[f"rewards/{name}_frac_zero_std"].append(
+                (group_std[gmask] == 0).float().mean().item() if gmask.any() else math.nan)
             for i, fname in enumerate(self.reward_func_names):
                 col = rewards_per_func[mask, i]
                 metrics[f"rewards/{fname}/{name}"].append(col.nanmean().item() if mask.any() else math.nan)

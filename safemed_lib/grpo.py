@@ -42,6 +42,9 @@ LOG_COLUMNS = {
     "learning_rate": "lr",
     "rewards/clean": "reward_clean",
     "rewards/adversarial": "reward_adv",
+    "rewards/clean_frac_zero_std": "frac_zero_std_clean",
+    "rewards/adversarial_frac_zero_std": "frac_zero_std_adv",
+    "frac_reward_zero_std": "frac_zero_std",
     "adv/success_rate": "adv_success_rate",
     "adv/eps": "adv_eps",
     "adv/fraction": "adv_fraction",
@@ -166,7 +169,8 @@ def write_log_csv(history: list[dict], path: Path) -> Path:
             rec[log_column(k)] = v
     first = ["step", "reward", "reward_format", "reward_accuracy", "completion_length", "kl", "loss", "lr",
              "reward_clean", "reward_adv", "reward_accuracy_clean", "reward_accuracy_adv", "adv_success_rate",
-             "adv_eps", "adv_fraction", "adv_loss_start", "adv_loss_adv", "adv_seconds", "step_time"]
+             "frac_zero_std", "frac_zero_std_clean", "frac_zero_std_adv", "adv_eps", "adv_fraction",
+             "adv_loss_start", "adv_loss_adv", "adv_seconds", "step_time"]
     present = {k for r in table.values() for k in r}
     cols = [c for c in first if c in present] + sorted(present - set(first))
     buf = io.StringIO()

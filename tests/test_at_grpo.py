@@ -173,6 +173,21 @@ def test_attack_costs_pgd_passes_plus_one_and_measures_success_every_n_steps(toy
     assert len(trainer._pending_metrics["adv/loss_start"]) == 4 and "adv/loss_clean" not in trainer._pending_metrics
 
 
+def test_groups_without_reward_spread_are_counted_per_kind(toy, tmp_path, monkeypatch):
+    """A group whose G rewards are all equal gives GRPO no gradient: its share is logged for the
+    clean and the attacked groups apart."""
+    trainer = _at_trainer(_fresh(toy), toy[0], tmp_path, fraction=1.0)
+    trainer.model.train()
+    # 2 groups of 4 (reward funcs: format, accuracy): the clean one has spread, the attacked one none
+    rewards = torch.tensor([[1., 1.], [1., 0.], [0., 0.], [1., 0.], [1., 0.], [1., 0.], [1., 0.], [1., 0.]])
+    monkeypatch.setattr(GRPOTrainer, "_calculate_rewards", lambda self, *a: rewards.clone())
+    trainer._adv_flags = [False] * 4 + [True] * 4
+    trainer._calculate_rewards([{}] * 8, None, None, None)
+    m = trainer._metrics["train"]
+    assert m["rewards/clean_frac_zero_std"] == [0.0] and m["rewards/adversarial_frac_zero_std"] == [1.0]
+    assert m["rewards/clean"] == [pytest.approx(1.0)] and m["rewards/adversarial"] == [pytest.approx(1.0)]
+
+
 @pytest.mark.parametrize("target", ["first_token", "margin"])
 def test_perturb_with_the_other_objectives(toy, tmp_path, target):
     """The training attack takes attacks.attack_loss's objectives too (the first token needs the clean images)."""
