@@ -203,31 +203,20 @@ def test_round_8bit():
 
 # ----------------------------------------------------------------------------- the VLM attack
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from safemed_lib import attacks, benchmark, data, evaluate, models, prompts  # noqa: E402
+from safemed_lib import attacks, benchmark, data, evaluate, prompts  # noqa: E402
 from safemed_lib.records import Records  # noqa: E402
+from unit_vqa import tiny_vlm, vqa_items  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def vlm():
-    corpus = ["What imaging technique was used? A)CT scan, B)MRI, C)X-ray",
-              "The image shows a round lesion in the upper left region, so the answer is B."] * 5
-    return models.build_tiny_vlm(corpus, seed=0, image_size=56, hidden_size=64, vocab_size=600)
+    return tiny_vlm()
 
 
 @pytest.fixture(scope="module")
 def vqa(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(3):
-        path = root / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(path)
-        items.append(data.VQAItem(question_id=f"q{i}", dataset="unit", image_path=path,
-                                  question="What imaging technique was used?", options=["CT scan", "MRI", "X-ray"],
-                                  answer="ABC"[i], modality="CT", question_type="Modality Recognition"))
-    return items, data.load_images(items, size=56)
+    return vqa_items(tmp_path_factory.mktemp("imgs"))
 
 
 def test_answer_targets(vlm, vqa):

@@ -7,7 +7,7 @@ import torch
 
 from safemed_lib import grpo, models, sft
 from safemed_lib.config import GRPORecipe, SFTRecipe
-from toy import SIZE, toy_items, warm_toy_model
+from toy import SIZE, warm_toy_model
 
 
 @pytest.fixture(scope="module")

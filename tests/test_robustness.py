@@ -5,36 +5,24 @@ from __future__ import annotations
 import hashlib
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
-from safemed_lib import attacks, benchmark, data, models, prompts
+from safemed_lib import attacks, benchmark, prompts
+from unit_vqa import tiny_vlm, vqa_items
 
 
 @pytest.fixture(scope="module")
 def vlm():
-    corpus = ["What imaging technique was used? A)CT scan, B)MRI, C)X-ray",
-              "The image shows a round lesion in the upper left region, so the answer is B."] * 5
-    v = models.build_tiny_vlm(corpus, seed=0, image_size=56, hidden_size=64, vocab_size=600)
+    v = tiny_vlm()
     v.model.eval()
     return v
 
 
 @pytest.fixture(scope="module")
 def vqa(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(3):
-        path = root / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(path)
-        items.append(data.VQAItem(question_id=f"q{i}", dataset="unit", image_path=path,
-                                  question="What imaging technique was used?", options=["CT scan", "MRI", "X-ray"],
-                                  answer="ABC"[i], modality="CT", question_type="Modality Recognition"))
-    return items, data.load_images(items, size=56)
+    return vqa_items(tmp_path_factory.mktemp("imgs"))
 
 
 # ----------------------------------------------------------------------------- first token

@@ -1,7 +1,6 @@
 """Tests for safemed_lib.viz: real demo images, one attack's view, the static panels, the app."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
