@@ -1,0 +1,120 @@
+"""Research: AT-GRPO's clean and PGD accuracy against its training budget, on validation (issue #33).
+
+    python scripts/at_budget.py --mode think --lr 3e-4 --steps 1500 --eval-at 250 500 1000 1500
+    python scripts/at_budget.py --mode think --lr 3e-5 --steps 1500 --set safemed.eval.n=96
+
+Recipes are chosen on validation, never on test: the SFT start is trained (from the zoo's base) on
+the training split minus a per-image validation split (``dataset.validation``), AT-GRPO continues from it on the same
+images with the profile's training attack, and snapshots at ``--eval-at`` steps are scored on up to
+``safemed.eval.n`` validation questions, clean and under the profile's PGD (``safemed.eval``, as in
+notebook 05). Everything lives under ``--out/<mode>-lr<lr>-s<seed>/`` and resumes: the SFT start,
+the GRPO run (TRL checkpoints), the snapshots and the per-item evaluation records. One row per
+snapshot goes to ``results.csv`` there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _start(cfg, mode: str, fit: list, out: Path):
+    """The SFT model of ``mode`` trained on ``fit`` only (the profile's recipe) from the zoo's base
+    (pretrained on the question corpus and the images' scene attributes, never on answers), cached in ``out``."""
+    from safemed_lib import runs, sft, zoo
+
+    recipe = getattr(cfg.sft, mode)
+
+    def train(run_dir):
+        vlm = zoo.load("base", cfg)
+        vlm = sft.train_sft(vlm, fit, recipe, variant=mode, out_dir=run_dir / "train", image_size=cfg.data.image_size,
+                            seed=cfg.seed)
+        vlm.save(run_dir / "model")
+        return {"model": "model"}
+
+    key = {"fit": runs.ids_digest(fit), "base": zoo.key("base", cfg), "recipe": recipe.model_dump(), "mode": mode,
+           "seed": cfg.seed, "image_size": cfg.data.image_size}
+    runs.cached(out / f"sft-{mode}-s{cfg.seed}", key, train)
+    return out / f"sft-{mode}-s{cfg.seed}" / "model"
+
+
+class Snapshots:
+    """A TrainerCallback that saves the policy at the chosen optimizer steps (``vlm.save``)."""
+
+    def __new__(cls, vlm, steps, out: Path):
+        from transformers import TrainerCallback
+
+        class _Cb(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step in steps and not (out / f"step-{state.global_step}" / "model").is_dir():
+                    vlm.save(out / f"step-{state.global_step}" / "model")
+        return _Cb()
+
+
+def _score(cfg, mode: str, path: Path, items: list, out: Path) -> dict:
+    """Clean and PGD accuracy (%) of the model at ``path`` on ``items`` (records under ``out``)."""
+    from safemed_lib import attacks, evaluate, models
+
+    e = cfg.safemed.eval
+    max_len = getattr(cfg.safemed.grpo, mode).max_completion_length
+    vlm = models.load_vlm(path, image_size=cfg.data.image_size)
+    ev = dict(prompt=mode, image_size=cfg.data.image_size, batch_size=e.batch_size, max_new_tokens=max_len)
+    clean = evaluate.evaluate(vlm, items, records_path=out / "clean.jsonl", **ev)
+    hook = attacks.pgd_perturb(vlm, prompt=mode, eps=e.eps / 255, alpha=e.alpha / 255, steps=e.steps, seed=cfg.seed,
+                               clean_outputs=dict(zip(clean["question_id"], clean["output"])), max_new_tokens=max_len)
+    pgd = evaluate.evaluate(vlm, items, records_path=out / f"pgd-{e.eps:g}-{e.steps}.jsonl", perturb=hook, **ev)
+    return {"n": len(items), "clean_acc": 100 * clean["correct"].mean(), "pgd_acc": 100 * pgd["correct"].mean()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--mode", choices=("think", "nothink"), default="think")
+    ap.add_argument("--lr", type=float, required=True)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--eval-at", type=int, nargs="+", default=[250, 500, 1000, 1500])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", nargs="*", default=[], help="profile overrides key=value")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "research" / "at_budget"))
+    args = ap.parse_args(argv)
+
+    import pandas as pd
+    import torch
+
+    from safemed_lib import config, dataset, evaluate, grpo, models, zoo
+
+    torch.set_num_threads(args.threads)
+    cfg = config.load(args.profile, {**config.parse_overrides(args.set), "seed": args.seed})
+    train, _ = dataset.splits(cfg)
+    fit, val = dataset.validation(train, cfg)
+    out = Path(args.out) / f"{args.mode}-lr{args.lr:g}-s{args.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    start = _start(cfg, args.mode, fit, Path(args.out))
+
+    recipe = getattr(cfg.safemed.grpo, args.mode).model_copy(update={"steps": args.steps, "lr": args.lr})
+    adv = {**zoo.train_attack(cfg), "ramp_steps": cfg.safemed.train_attack.ramp_steps}
+    steps = sorted(s for s in set(args.eval_at) if s <= args.steps)
+    if not all((out / f"step-{s}" / "model").is_dir() for s in steps):
+        vlm = models.load_vlm(start, image_size=cfg.data.image_size)
+        grpo.train_grpo(vlm, fit, recipe, mode=args.mode, out_dir=out / "run", seed=args.seed, adversarial=adv,
+                        image_size=cfg.data.image_size, save_steps=min(250, args.steps),
+                        callbacks=[Snapshots(vlm, set(steps), out)])
+    items = evaluate.subset(val, cfg.safemed.eval.n, seed=cfg.seed)
+    rows = [{"step": 0, **_score(cfg, args.mode, start, items, out / "step-0")}]
+    rows += [{"step": s, **_score(cfg, args.mode, out / f"step-{s}" / "model", items, out / f"step-{s}")}
+             for s in steps]
+    table = pd.DataFrame(rows).assign(mode=args.mode, lr=args.lr, seed=args.seed, n_fit=len(fit))
+    table.to_csv(out / "results.csv", index=False)
+    (out / "settings.json").write_text(json.dumps({"recipe": recipe.model_dump(), "attack": adv,
+                                                   "eval": cfg.safemed.eval.model_dump()}, indent=2) + "\n")
+    print(table.round({"clean_acc": 1, "pgd_acc": 1}).to_string(index=False))
+    return table
+
+
+if __name__ == "__main__":
+    main()
