@@ -7,7 +7,8 @@ Recipes are chosen on validation, never on test: the SFT start is trained (from 
 the training split minus a per-image validation split (``dataset.validation``), AT-GRPO continues from it on the same
 images with the profile's training attack, and snapshots at ``--eval-at`` steps are scored on up to
 ``safemed.eval.n`` validation questions, clean and under the profile's PGD (``safemed.eval``, as in
-notebook 05). Everything lives under ``--out/<mode>-lr<lr>-s<seed>/`` and resumes: the SFT start,
+notebook 05). ``--seed`` seeds the AT-GRPO run only: the benchmark, the split and the SFT start
+follow the profile's ``seed`` (changing that regenerates the benchmark). Everything lives under ``--out/<mode>-lr<lr>-s<seed>/`` and resumes: the SFT start,
 the GRPO run (TRL checkpoints), the snapshots and the per-item evaluation records. One row per
 snapshot goes to ``results.csv`` there.
 """
@@ -77,7 +78,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, required=True)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--eval-at", type=int, nargs="+", default=[250, 500, 1000, 1500])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="AT-GRPO's seed (the benchmark, split and SFT start "
+                    "keep the profile's seed)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", nargs="*", default=[], help="profile overrides key=value")
     ap.add_argument("--out", default=str(ROOT / "runs" / "research" / "at_budget"))
@@ -89,7 +91,7 @@ def main(argv=None):
     from safemed_lib import config, dataset, evaluate, grpo, models, zoo
 
     torch.set_num_threads(args.threads)
-    cfg = config.load(args.profile, {**config.parse_overrides(args.set), "seed": args.seed})
+    cfg = config.load(args.profile, config.parse_overrides(args.set))
     train, _ = dataset.splits(cfg)
     fit, val = dataset.validation(train, cfg)
     out = Path(args.out) / f"{args.mode}-lr{args.lr:g}-s{args.seed}"
@@ -104,7 +106,7 @@ def main(argv=None):
         grpo.train_grpo(vlm, fit, recipe, mode=args.mode, out_dir=out / "run", seed=args.seed, adversarial=adv,
                         image_size=cfg.data.image_size, save_steps=min(250, args.steps),
                         callbacks=[Snapshots(vlm, set(steps), out)])
-    items = evaluate.subset(val, cfg.safemed.eval.n, seed=cfg.seed)
+    items = evaluate.subset(val, cfg.safemed.eval.n, seed=cfg.seed)  # the same questions for every run
     rows = [{"step": 0, **_score(cfg, args.mode, start, items, out / "step-0")}]
     rows += [{"step": s, **_score(cfg, args.mode, out / f"step-{s}" / "model", items, out / f"step-{s}")}
              for s in steps]
