@@ -206,7 +206,7 @@ import numpy as np  # noqa: E402
 
 from safemed_lib import attacks, benchmark, data, evaluate, prompts  # noqa: E402
 from safemed_lib.records import Records  # noqa: E402
-from unit_vqa import tiny_vlm, vqa_items  # noqa: E402
+from unit_vqa import assert_gradient_is_the_derivative, tiny_vlm, vqa_items  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -257,14 +257,7 @@ def test_vlm_loss_gradient_is_the_derivative_on_raw_pixels(vlm):
                           question="What imaging technique was used?", options=["CT scan", "MRI", "X-ray"],
                           answer="AB"[i], modality="CT", question_type="Modality Recognition") for i in range(2)]
     x = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
-    loss_fn = attacks.vlm_answer_loss(vlm, items, prompt="nothink")
-    xr = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(loss_fn(xr).sum(), xr)
-    h = 0.03
-    d = g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    with torch.no_grad():
-        fd = (loss_fn(x + h * d) - loss_fn(x - h * d)) / (2 * h)
-    torch.testing.assert_close(fd, g.flatten(1).norm(dim=1), rtol=0.01, atol=1e-5)
+    assert_gradient_is_the_derivative(attacks.vlm_answer_loss(vlm, items, prompt="nothink"), x, h=0.03, rtol=0.01)
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])

@@ -27,3 +27,16 @@ def vqa_items(root: Path):
                                   question="What imaging technique was used?", options=["CT scan", "MRI", "X-ray"],
                                   answer="ABC"[i], modality="CT", question_type="Modality Recognition"))
     return items, data.load_images(items, size=56)
+
+
+def assert_gradient_is_the_derivative(loss_fn, x, *, h: float, rtol: float) -> None:
+    """Finite differences of ``loss_fn`` along its normalised gradient at ``x`` match the gradient's
+    norm, per example: the loss is differentiated end to end in raw [0, 1] pixel space."""
+    import torch
+
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss_fn(xr).sum(), xr)
+    d = g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        fd = (loss_fn(x + h * d) - loss_fn(x - h * d)) / (2 * h)
+    torch.testing.assert_close(fd, g.flatten(1).norm(dim=1), rtol=rtol, atol=1e-5)
