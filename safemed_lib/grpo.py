@@ -279,9 +279,7 @@ def train_grpo(vlm, train_items: Sequence[data.VQAItem], recipe, *, mode: str = 
 
     # fp32 master weights (TRL upcasts only models it loads itself); GRPOConfig's bf16 autocasts on CUDA.
     # Under DeepSpeed the engine keeps fp32 master weights itself (and ZeRO-3's parameters are partitioned).
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
+    if not grpo_dist.zero3_enabled():
         models.master_weights(vlm.model)
     lora_kw = _lora_kwargs(lora)
     if lora_kw is not None:
