@@ -3,7 +3,7 @@
 :class:`ATGRPOTrainer` (used by ``grpo.train_grpo`` when given an ``adversarial`` setting): before
 the rollouts of every generation batch, a fraction of the questions get their image replaced by a
 PGD adversarial image computed against the CURRENT policy (the teacher-forced NLL of the reference
-answer, :func:`attacks.vlm_answer_loss`, through the model wrapper's exact differentiable
+answer, :func:`attacks.attack_loss`, through the model wrapper's exact differentiable
 preprocessing). Rollouts, rewards and the policy-gradient loss of those questions then all use the
 perturbed image. The images reach TRL as PIL images, so the adversarial image is rounded to the
 8-bit grid first (:func:`attacks.round_8bit_toward`): for an L-inf budget that is a multiple of
@@ -271,7 +271,7 @@ class ATGRPOTrainer(GRPOTrainer):
             clean_texts = None
             if measure or attacks._resolve_target(cfg.target, mode) == "clean_reasoning":
                 clean_texts = self.vlm.generate(x, batch, prompt=mode, max_new_tokens=n_tokens)
-            loss_fn = attacks.vlm_answer_loss(
+            loss_fn, _ = attacks.attack_loss(
                 self.vlm, batch, prompt=mode, target=cfg.target, max_new_tokens=n_tokens, clean_images=x,
                 clean_outputs=None if clean_texts is None else dict(zip(qids, clean_texts)))
             # per-question random starts: the same image for every copy of a question, on every process

@@ -275,11 +275,9 @@ def vlm_answer_loss(vlm, items: Sequence, *, prompt: str, target: str = "auto",
     normalized ``pixel_values``). ``reduction="sum"`` is -log p(target | image, prompt); "mean"
     divides by the target's length. The end-of-turn token is scored after a complete completion;
     for a think prompt's bare answer target it is not (the model would go on to reason).
-    ``target`` "first_token" or "margin" (with ``targets=None``) gives :func:`attack_loss`'s loss.
+    The other objectives ("first_token", "margin") are :func:`attack_loss`'s.
     """
     items = list(items)
-    if targets is None and _resolve_target(target, prompt) in ("first_token", "margin"):
-        return attack_loss(vlm, items, prompt=prompt, target=target, clean_images=clean_images)[0]
     if targets is None:
         targets, _ = answer_targets(vlm, items, prompt=prompt, target=target, clean_images=clean_images,
                                     clean_outputs=clean_outputs, max_new_tokens=max_new_tokens)

@@ -68,6 +68,14 @@ def logprob_classifier(vlm, item, *, prompt: str = "nothink") -> Classifier:
     return classify
 
 
+def base_classifier(vlm, item, *, method: str, prompt: str, max_new_tokens: int = 64) -> Classifier:
+    """The base classifier of ``method``: "logprob" (:func:`logprob_classifier`) or "generate"
+    (:func:`generation_classifier`)."""
+    if method == "logprob":
+        return logprob_classifier(vlm, item, prompt=prompt)
+    return generation_classifier(vlm, item, prompt=prompt, max_new_tokens=max_new_tokens)
+
+
 def pick_items(items, n: int, by: str = "modality") -> list:
     """Up to ``n`` items taking one per group of ``by`` in turn (groups in first-seen order, items
     in their given order): a small certification set that covers every modality."""
@@ -133,10 +141,7 @@ def certify_items(vlm, items, *, sigma: float, n0: int, n: int, alpha: float, me
         t0 = time.perf_counter()
         k = len(it.options)
         x = data.load_images([it], size=image_size)[0].to(device)
-        if method == "logprob":
-            classify = logprob_classifier(vlm, it, prompt=prompt)
-        else:
-            classify = generation_classifier(vlm, it, prompt=prompt, max_new_tokens=max_new_tokens)
+        classify = base_classifier(vlm, it, method=method, prompt=prompt, max_new_tokens=max_new_tokens)
         with torch.no_grad():
             base_pred = int(classify(x.unsqueeze(0))[0])
         c = certify_detail(classify, x, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size,

@@ -28,8 +28,8 @@ def test_gpu_check_code_path_attacks_in_the_at_grpo_run(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "QWEN2_VL_2B", narrow)
     from safemed_lib import attacks
 
-    targets, real = [], attacks.vlm_answer_loss
-    monkeypatch.setattr(attacks, "vlm_answer_loss", lambda vlm, items, **kw: targets.append(
+    targets, real = [], attacks.attack_loss
+    monkeypatch.setattr(attacks, "attack_loss", lambda vlm, items, **kw: targets.append(
         (vlm.tokenizer, kw["clean_outputs"])) or real(vlm, items, **kw))
     record = gpu_check.main(["--cpu-smoke", "--max-len", "24", "--pgd-steps", "1", "--batch-size", "8", "--g", "4",
                              "--out", str(tmp_path)])

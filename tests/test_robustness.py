@@ -56,7 +56,7 @@ def test_first_token_target_is_the_clean_greedy_token(vlm, vqa):
 
 def test_first_token_loss_is_differentiable_on_raw_pixels(vlm, vqa):
     items, images = vqa
-    loss_fn = attacks.vlm_answer_loss(vlm, items, prompt="think", target="first_token", clean_images=images)
+    loss_fn, _ = attacks.attack_loss(vlm, items, prompt="think", target="first_token", clean_images=images)
     x = images.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(loss_fn(x).sum(), x)
     assert g.shape == images.shape and (g != 0).float().mean() > 0.9

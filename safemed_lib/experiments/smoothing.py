@@ -47,9 +47,8 @@ def measure_rate(cfg, name: str) -> float:
     _, test = dataset.splits(cfg)
     item = certify.pick_items(test, 1)[0]
     vlm = zoo.load(name, cfg)
-    classify = (certify.logprob_classifier(vlm, item, prompt=plan["prompt"]) if plan["method"] == "logprob" else
-                certify.generation_classifier(vlm, item, prompt=plan["prompt"], max_new_tokens=c.max_new_tokens,
-                                              batch_size=c.batch_size))
+    classify = certify.base_classifier(vlm, item, method=plan["method"], prompt=plan["prompt"],
+                                       max_new_tokens=c.max_new_tokens)
     x = data.load_images([item], size=cfg.data.image_size).to(vlm.device)
     gen = torch.Generator(device=x.device).manual_seed(cfg.seed)  # the global RNG stays untouched
     noise = torch.randn((c.batch_size, *x.shape[1:]), device=x.device, generator=gen)
