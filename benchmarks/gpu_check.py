@@ -182,7 +182,8 @@ def main(argv=None):
             wall = time.perf_counter() - t0
             log = grpo.read_log(tmp / kind)
             times = log["step_time"].tolist()
-            run = {"kind": kind, "params": n_params, "steps": len(times), "wall_s": wall, "start_memory_gib": start_memory,
+            run = {"kind": kind, "params": n_params, "steps": len(times), "wall_s": wall,
+                   "start_memory_gib": start_memory,
                    "step_s_median": statistics.median(times[1:] or times), "step_s_all": times,
                    "completion_length": float(log["completion_length"].mean())}
             if kind == "at-grpo":  # no attack column at all: no step attacked anything

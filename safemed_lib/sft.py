@@ -304,7 +304,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
     (plus ``binding.binding_loss`` when the recipe has binding terms: their heads train along and
     are thrown away at the end) with AdamW, linear warm-up then cosine decay to 0, and gradient
     clipping, on float32 master weights (a bf16 model is upcast in place; bf16 autocast runs the
-    compute on CUDA, :mod:`safemed_lib.models.precision`). Every item of every batch gets a fresh option order, seeded by (seed, step).
+    compute on CUDA, :mod:`safemed_lib.models.precision`). Every item of every batch gets a fresh
+    option order, seeded by (seed, step).
     ``adversarial`` (``adversarial_settings``): adversarial training (Madry et al.), each batch's
     first ``fraction`` of images replaced by PGD images against the current weights.
 

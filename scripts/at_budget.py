@@ -4,13 +4,14 @@
     python scripts/at_budget.py --mode think --lr 3e-5 --steps 1500 --set safemed.eval.n=96
 
 Recipes are chosen on validation, never on test: the SFT start is trained (from the zoo's base) on
-the training split minus a per-image validation split (``dataset.validation``), AT-GRPO continues from it on the same
-images with the profile's training attack, and snapshots at ``--eval-at`` steps are scored on up to
-``safemed.eval.n`` validation questions, clean and under the profile's PGD (``safemed.eval``, as in
-notebook 05). ``--seed`` seeds the AT-GRPO run only: the benchmark, the split and the SFT start
-follow the profile's ``seed`` (changing that regenerates the benchmark). Everything lives under ``--out/<mode>-lr<lr>-s<seed>/`` and resumes: the SFT start,
-the GRPO run (TRL checkpoints), the snapshots and the per-item evaluation records. One row per
-snapshot goes to ``results.csv`` there.
+the training split minus a per-image validation split (``dataset.validation``), AT-GRPO continues
+from it on the same images with the profile's training attack, and snapshots at ``--eval-at`` steps
+are scored on up to ``safemed.eval.n`` validation questions, clean and under the profile's PGD
+(``safemed.eval``, as in notebook 05). ``--seed`` seeds the AT-GRPO run only: the benchmark, the
+split and the SFT start follow the profile's ``seed`` (changing that regenerates the benchmark).
+Everything lives under ``--out/<mode>-lr<lr>-s<seed>/`` and resumes: the SFT start, the GRPO run
+(TRL checkpoints), the snapshots and the per-item evaluation records. One row per snapshot goes to
+``results.csv`` there.
 """
 from __future__ import annotations
 
