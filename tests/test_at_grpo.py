@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +17,7 @@ from trl import GRPOTrainer
 from safemed_lib import at_grpo, data, grpo, models
 from safemed_lib.config import GRPORecipe
 from toy import SIZE, warm_toy_model
+from twoproc import torchrun
 
 EPS = 8 / 255
 
@@ -211,30 +207,11 @@ def test_train_grpo_with_adversarial_uses_the_at_trainer(toy, tmp_path):
 
 
 # --------------------------------------------------------------------------- distributed (slow)
-def run_killable(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
-    """subprocess.run in its own process group, all of it killed on timeout (torchrun's workers too)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kw)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s (a deadlock across processes?):\n{out[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
-
-
 @pytest.mark.slow
 def test_at_grpo_two_processes_one_attacking_rank_finishes(tmp_path):
     """2 CPU processes, only rank 0 has questions to attack, every forward pass a collective (as
     under ZeRO-3/FSDP): the attack's work must be the same on both ranks, or this hangs."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
-           str(root / "tests/at_grpo_two_ranks.py"), str(tmp_path)]
-    res = run_killable(cmd, timeout=120, env=env, cwd=root)
-    assert res.returncode == 0, res.stdout[-3000:]
+    torchrun("at_grpo_two_ranks.py", tmp_path, port=29543)
     ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
     assert ranks[0]["forwards"] == ranks[1]["forwards"]  # the same forward passes on both ranks
     # padding is not an attack: rank 0 attacked its 2 questions, rank 1 none; 1.0 and 0.0 average to 0.5

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from safemed_lib import at_grpo, config, data, dataset, grpo, grpo_dist, models, prompts, runs, zoo
 from safemed_lib.config import GRPORecipe
 from toy import SIZE, toy_items, warm_toy_model
+from twoproc import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -471,3 +472,27 @@ def test_accelerate_two_cpu_processes(tmp_path):
     final = models.load_vlm(out / "checkpoint-2", image_size=56).model.state_dict()
     state = saved.model.state_dict()
     assert state.keys() == final.keys() and all(torch.equal(state[k], v) for k, v in final.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", [False, True], ids=["grpo", "at_grpo_one_rank_attacks"])
+def test_fsdp_two_processes_sharded_training_and_save(tmp_path, attack):
+    """FSDP2 with configs/accelerate/fsdp.yaml's launch settings, 2 CPU processes: the parameters are
+    really sharded (half of each tensor per process) and the final save, made through the trainer's
+    own save on both processes, holds the full trained weights (the old main-process-only
+    ``vlm.save`` fails on the sharded parameters). AT-GRPO where only rank 0 attacks finishes."""
+    from test_accelerate_configs import _launch_env
+
+    env = {k: v for k, v in _launch_env(ROOT / "configs/accelerate/fsdp.yaml").items()
+           if k.startswith(("FSDP_", "ACCELERATE_"))}
+    env["ACCELERATE_MIXED_PRECISION"] = "no"  # bf16 autocast is a CUDA setting (fp32 on the CPU)
+    torchrun("fsdp_save_two_ranks.py", tmp_path, port=29547 + attack, env=env, args=["--attack"] * attack)
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [2, 2]
+    assert [r.get("attacked_images", 0) for r in ranks] == ([2, 0] if attack else [0, 0])
+    for r in ranks:  # every parameter a DTensor, each process holding half of the elements
+        assert r["dtensors"] == r["params"] > 0 and r["local_numel"] * 2 == r["numel"]
+    full, init = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "init.pt")
+    assert all(not torch.equal(full[n], init[n]) for n in init)  # trained: every tensor moved
+    saved = dict(models.load_vlm(tmp_path / "model").model.named_parameters())
+    assert saved.keys() == full.keys() and all(torch.equal(saved[n], full[n]) for n in full)
