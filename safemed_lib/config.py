@@ -187,13 +187,20 @@ class ATSFT(SFTRecipe):
 
 
 class RobustEval(Block):
-    """The robustness table's evaluation attack: PGD, 8-bit rounded."""
+    """The robustness table's evaluation: PGD on the reference answer (8-bit rounded) on ``n`` test
+    questions; beside it, on the first ``suite_n`` of them, other objectives, a stronger attack
+    and eps curves, with the gradient-masking checks of Carlini et al. 2019."""
 
     n: Count = 160             # test questions per model (0: all)
     eps: PosFloat = 8          # L-inf radius, 1/255
     alpha: PosFloat = 2        # PGD step, 1/255
     steps: PosInt = 10
     batch_size: PosInt = 32
+    suite_n: Count = 16        # questions of the attack suite, the table's first (0: none); costly: ~50 PGD passes each
+    strong_steps: PosInt = 50  # the strong attack: PGD steps (step 2.5 eps / steps) ...
+    strong_restarts: PosInt = 5  # ... and random starts, the worst per question
+    linf_curve: list[PosFloat] = [1, 2, 4, 16, 64]   # eps curve, L-inf radii in 1/255 (eps is added); 64: about chance
+    l2_curve: list[PosFloat] = [0.25, 0.5, 1.0]      # eps curve, L2 radii in [0, 1] pixel units
 
 
 class SafeMed(Block):

@@ -157,9 +157,10 @@ def _read_state(out_dir: Path) -> tuple[Path | None, dict | None]:
     return ckpt, torch.load(state_file, map_location="cpu", weights_only=True)
 
 
-def _write_checkpoint(out_dir: Path, vlm, state: dict) -> Path:
+def _write_checkpoint(out_dir: Path, vlm, state: dict, keep: frozenset = frozenset()) -> Path:
     """Save model + state into ``ckpt-<step>``, then move the ``latest`` pointer (atomically) and
-    delete older checkpoints: a crash at any point leaves one complete checkpoint behind."""
+    delete older checkpoints except those of the steps in ``keep``: a crash at any point leaves one
+    complete checkpoint behind."""
     ckpt = out_dir / f"ckpt-{state['step']:06d}"
     if ckpt.exists():
         shutil.rmtree(ckpt)
@@ -167,7 +168,7 @@ def _write_checkpoint(out_dir: Path, vlm, state: dict) -> Path:
     torch.save(state, ckpt / "state.pt")
     atomic_write_text(out_dir / "latest", ckpt.name + "\n")
     for old in out_dir.glob("ckpt-*"):
-        if old != ckpt:
+        if old != ckpt and int(old.name.split("-")[1]) not in keep:
             shutil.rmtree(old)
     return ckpt
 
@@ -294,7 +295,8 @@ class _Logs:
 # --------------------------------------------------------------------------- training
 def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str, out_dir: str | Path,
               image_size: int | None = None, seed: int = 0, adversarial: dict | None = None,
-              log_every: int = 10, save_every: int = 100, tag: dict | None = None):
+              log_every: int = 10, save_every: int = 100, tag: dict | None = None,
+              keep_steps: Sequence[int] = ()):
     """Fine-tune ``vlm`` on ``train_items`` with the targets ``sft_targets(item, scene, variant)``
     and the recipe ``recipe`` (``config.SFTRecipe``: steps, lr, batch size, weight decay, whether the
     vision tower trains, the binding terms); returns the trained VLM (a new object when weights were
@@ -316,6 +318,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
     newest checkpoint and takes exactly the batches an uninterrupted run would; with a larger
     ``recipe.steps`` after a finished run it continues (the schedule recomputed for the new total).
     ``tag``: extra JSON-able settings stored with the run (a checkpoint with another tag is not resumed).
+    ``keep_steps``: steps whose checkpoints are kept (snapshots along one run; each is also saved then).
     """
     for name, v in (("log_every", log_every), ("save_every", save_every)):
         if int(v) != v or v < 1:
@@ -372,12 +375,12 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
         step += 1
         seconds += time.perf_counter() - t0
         logs.add(step, step == recipe.steps, float(loss.detach()), parts, lr_now, seconds)
-        if step % save_every == 0 or step == recipe.steps:
+        if step % save_every == 0 or step == recipe.steps or step in keep_steps:
             state = {"step": step, "seconds": seconds, "settings": settings, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
             if heads is not None:
                 state["binding_heads"] = heads.state_dict()
-            _write_checkpoint(out_dir, vlm, state)
+            _write_checkpoint(out_dir, vlm, state, frozenset(keep_steps))
     for p in fixed:
         p.requires_grad_(True)
     if heads is not None:

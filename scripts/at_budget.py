@@ -1,15 +1,19 @@
-"""Research: AT-GRPO's clean and PGD accuracy against its training budget, on validation (issue #33).
+"""Research: AT-GRPO's (or AT-SFT's) clean and PGD accuracy against its training budget, on validation (issue #33).
 
     python scripts/at_budget.py --mode think --lr 3e-4 --steps 1500 --eval-at 250 500 1000 1500
     python scripts/at_budget.py --mode think --lr 3e-5 --steps 1500 --set safemed.eval.n=96
+    python scripts/at_budget.py --method at-sft --mode think --lr 3e-4 --steps 1000 --eval-at 250 500 1000
+    python scripts/at_budget.py --mode think --lr 3e-4 --recipe num_generations=8 --attack fraction=1.0
 
 Recipes are chosen on validation, never on test: the SFT start is trained (from the zoo's base) on
 the training split minus a per-image validation split (``dataset.validation``), AT-GRPO continues
-from it on the same images with the profile's training attack, and snapshots at ``--eval-at`` steps
+(or AT-SFT, ``--method at-sft``: Madry-style supervised adversarial training with the AT-SFT
+recipe) from it on the same images with the profile's training attack (``--attack key=value``
+changes a field of it, ``--recipe key=value`` one of the GRPO or AT-SFT recipe), and snapshots at ``--eval-at`` steps
 are scored on up to ``safemed.eval.n`` validation questions, clean and under the profile's PGD
 (``safemed.eval``, as in notebook 05). ``--seed`` seeds the AT-GRPO run only: the benchmark, the
 split and the SFT start follow the profile's ``seed`` (changing that regenerates the benchmark).
-Everything lives under ``--out/<mode>-lr<lr>-s<seed>/`` and resumes: the SFT start, the GRPO run
+Everything lives under ``--out/[at-sft-]<mode>-lr<lr>-s<seed>[-<changes>]/`` and resumes: the SFT start, the GRPO run
 (TRL checkpoints), the snapshots and the per-item evaluation records. One row per snapshot goes to
 ``results.csv`` there.
 """
@@ -72,9 +76,15 @@ def _score(cfg, mode: str, path: Path, items: list, out: Path) -> dict:
     return {"n": len(items), "clean_acc": 100 * clean["correct"].mean(), "pgd_acc": 100 * pgd["correct"].mean()}
 
 
+def _changed(block, update: dict):
+    """``block`` with the fields in ``update``, validated (an unknown field or a bad value is an error)."""
+    return type(block).model_validate({**block.model_dump(), **update})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--method", choices=("at-grpo", "at-sft"), default="at-grpo")
     ap.add_argument("--mode", choices=("think", "nothink"), default="think")
     ap.add_argument("--lr", type=float, required=True)
     ap.add_argument("--steps", type=int, default=1500)
@@ -83,35 +93,51 @@ def main(argv=None):
                     "keep the profile's seed)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", nargs="*", default=[], help="profile overrides key=value")
+    ap.add_argument("--recipe", nargs="*", default=[], help="training recipe fields key=value")
+    ap.add_argument("--attack", nargs="*", default=[], help="training attack fields key=value (eps, alpha in 1/255)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "research" / "at_budget"))
     args = ap.parse_args(argv)
 
     import pandas as pd
     import torch
 
-    from safemed_lib import config, dataset, evaluate, grpo, models, zoo
+    from safemed_lib import config, dataset, evaluate, grpo, models, sft
 
     torch.set_num_threads(args.threads)
     cfg = config.load(args.profile, config.parse_overrides(args.set))
     train, _ = dataset.splits(cfg)
     fit, val = dataset.validation(train, cfg)
-    out = Path(args.out) / f"{args.mode}-lr{args.lr:g}-s{args.seed}"
+    changes = config.parse_overrides(args.recipe + args.attack)
+    name = f"{args.mode}-lr{args.lr:g}-s{args.seed}" + "".join(f"-{k}{v}" for k, v in changes.items())
+    out = Path(args.out) / (name if args.method == "at-grpo" else f"at-sft-{name}")
     out.mkdir(parents=True, exist_ok=True)
     start = _start(cfg, args.mode, fit, Path(args.out))
 
-    recipe = getattr(cfg.safemed.grpo, args.mode).model_copy(update={"steps": args.steps, "lr": args.lr})
-    adv = {**zoo.train_attack(cfg), "ramp_steps": cfg.safemed.train_attack.ramp_steps}
+    attack = _changed(cfg.safemed.train_attack, config.parse_overrides(args.attack))
+    adv = {"eps": attack.eps / 255, "alpha": attack.alpha / 255, "steps": attack.steps, "fraction": attack.fraction}
     steps = sorted(s for s in set(args.eval_at) if s <= args.steps)
-    if not all((out / f"step-{s}" / "model").is_dir() for s in steps):
-        vlm = models.load_vlm(start, image_size=cfg.data.image_size)
-        grpo.train_grpo(vlm, fit, recipe, mode=args.mode, out_dir=out / "run", seed=args.seed, adversarial=adv,
-                        image_size=cfg.data.image_size, save_steps=min(250, args.steps),
-                        callbacks=[Snapshots(vlm, set(steps), out)])
+    update = {"steps": args.steps, "lr": args.lr, **config.parse_overrides(args.recipe)}
+    if args.method == "at-grpo":
+        recipe = _changed(getattr(cfg.safemed.grpo, args.mode), update)
+        adv["ramp_steps"] = attack.ramp_steps
+        snapshot = lambda s: out / f"step-{s}" / "model"  # noqa: E731
+        if not all(snapshot(s).is_dir() for s in steps):
+            vlm = models.load_vlm(start, image_size=cfg.data.image_size)
+            grpo.train_grpo(vlm, fit, recipe, mode=args.mode, out_dir=out / "run", seed=args.seed, adversarial=adv,
+                            image_size=cfg.data.image_size, save_steps=min(250, args.steps),
+                            callbacks=[Snapshots(vlm, set(steps), out)])
+    else:
+        recipe = _changed(cfg.safemed.at_sft.recipe(), update)
+        snapshot = lambda s: out / "run" / f"ckpt-{s:06d}" / "model"  # noqa: E731
+        if not all(snapshot(s).is_dir() for s in steps):
+            vlm = models.load_vlm(start, image_size=cfg.data.image_size)
+            sft.train_sft(vlm, fit, recipe, variant=args.mode, out_dir=out / "run", image_size=cfg.data.image_size,
+                          seed=args.seed, adversarial=adv, save_every=250, keep_steps=steps)
     items = evaluate.subset(val, cfg.safemed.eval.n, seed=cfg.seed)  # the same questions for every run
     rows = [{"step": 0, **_score(cfg, args.mode, start, items, out / "step-0")}]
-    rows += [{"step": s, **_score(cfg, args.mode, out / f"step-{s}" / "model", items, out / f"step-{s}")}
-             for s in steps]
-    table = pd.DataFrame(rows).assign(mode=args.mode, lr=args.lr, seed=args.seed, n_fit=len(fit))
+    rows += [{"step": s, **_score(cfg, args.mode, snapshot(s), items, out / f"step-{s}")} for s in steps]
+    table = pd.DataFrame(rows).assign(method=args.method, mode=args.mode, lr=args.lr, seed=args.seed, n_fit=len(fit),
+                                      changes=json.dumps(changes))
     table.to_csv(out / "results.csv", index=False)
     (out / "settings.json").write_text(json.dumps({"recipe": recipe.model_dump(), "attack": adv,
                                                    "eval": cfg.safemed.eval.model_dump()}, indent=2) + "\n")

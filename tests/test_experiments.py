@@ -76,6 +76,53 @@ def test_robustness_summary_targets():
     assert not safemed.robustness_summary(t, baseline="SFT", robust="AT").iloc[0]["clean drop <= 10"]
 
 
+def test_suite_grid_per_prompt_form():
+    cfg = config.load("tiny")
+    think, nothink = safemed.suite_grid(cfg, "think"), safemed.suite_grid(cfg, "nothink")
+    names = ["linf_8", "first_token", "linf_8_x5", "linf_1", "linf_2", "linf_4", "linf_16", "linf_64",
+             "l2_0.25", "l2_0.5", "l2_1"]
+    assert [g["name"] for g in think] == names
+    assert [g["name"] for g in nothink] == names[:2] + ["margin"] + names[2:]  # the letter margin: answer-first only
+    g = {x["name"]: x for x in nothink}
+    assert g["linf_8"]["eps"] == pytest.approx(8 / 255) and g["linf_8"]["alpha"] == pytest.approx(2 / 255)
+    # the fork's objective at the table's radius, with the fork's step and steps and no random start
+    assert g["first_token"] == {"name": "first_token", "norm": "linf", "eps": pytest.approx(8 / 255),
+                                "alpha": 0.01, "steps": 10, "target": "first_token", "random_start": False}
+    assert g["margin"]["target"] == "margin" and g["margin"]["eps"] == g["linf_8"]["eps"]
+    assert (g["linf_8_x5"]["steps"], g["linf_8_x5"]["restarts"]) == (50, 5)
+    assert g["l2_1"]["norm"] == "l2" and g["linf_64"]["eps"] == pytest.approx(64 / 255)
+
+
+def _suite_rows(model, rows):
+    """Long suite rows from {attack: [correct per question]} (L-inf radii from the names)."""
+    out = []
+    for attack, correct in rows.items():
+        eps = 0.0 if attack == "clean" else (0.5 if attack.startswith("l2") else
+                                              int(attack.split("_")[1]) / 255 if attack.startswith("linf") else 8 / 255)
+        norm = "none" if attack == "clean" else ("l2" if attack.startswith("l2") else "linf")
+        out += [{"model": model, "attack": attack, "norm": norm, "eps": eps, "question_id": f"q{i}",
+                 "correct": c, "pred": "A"} for i, c in enumerate(correct)]
+    return out
+
+
+def test_suite_table_takes_the_worst_case_and_masking_checks_catch_a_stronger_attack_doing_better():
+    cfg = config.load("tiny", {"safemed.eval.linf_curve": [64], "safemed.eval.l2_curve": [0.5]})
+    good = {"clean": [1, 1, 1, 1], "linf_8": [1, 1, 0, 0], "first_token": [1, 1, 1, 0], "linf_8_x5": [1, 0, 0, 0],
+            "linf_64": [0, 0, 0, 0], "l2_0.5": [1, 1, 1, 0]}
+    masked = {**good, "linf_8_x5": [1, 1, 1, 0], "linf_64": [1, 1, 1, 1]}  # more steps do better; 64/255 fails
+    suite = pd.DataFrame(_suite_rows("ok", good) + _suite_rows("masked", masked))
+    table = safemed.suite_table(cfg, suite)
+    assert list(table.index) == ["ok", "masked"]
+    assert list(table.columns) == ["clean", "PGD-10", "first token (fork)", "PGD-50 x5", "worst case", "n"]
+    assert table.loc["ok"].tolist() == [100.0, 50.0, 75.0, 25.0, 25.0, 4]
+    assert table.loc["masked", "worst case"] == 50.0  # q0, q1 survive every attack
+    checks = safemed.masking_table(cfg, suite, chance=0.25).set_index(["model", "check", "compared"])["passed"]
+    assert checks.loc["ok"].all()
+    bad = checks.loc["masked"][~checks.loc["masked"].astype(bool)]
+    assert sorted(c for c, _ in bad.index) == ["chance", "monotone", "stronger"]
+    assert safemed.suite_table(cfg, pd.DataFrame()).empty and safemed.masking_table(cfg, pd.DataFrame(), 0.25).empty
+
+
 def test_robustness_claims_verdicts():
     t = pd.DataFrame({"clean": [70.0, 65.0, 60.0, 58.0], "PGD": [30.0, 45.0, 20.0, 25.0]},
                      index=["SFT-think", "AT-GRPO-think", "SFT-nothink", "AT-GRPO-nothink"])
@@ -172,6 +219,19 @@ def test_protocol_is_cached_matrices_and_gains(protocols, no_training, by):
     gains = medr1.generalization_gains(mats)
     expected = (mats["GRPO"].drop(columns="All") - mats["base"].drop(columns="All").iloc[0]).stack().mean()
     assert gains.loc["GRPO - base", "mean gain (points)"] == pytest.approx(expected)
+
+
+def test_attack_suite_runs_every_attack_on_the_first_questions(over):
+    cfg = config.load("smoke", {**over, "safemed.eval.steps": 2, "safemed.eval.suite_n": 2})
+    zoo.ensure("grpo-nothink", cfg)
+    suite = safemed.attack_suite(cfg, {"GRPO-nothink": ("nothink", "grpo-nothink")}, progress=None)
+    attacks = [g["name"] for g in safemed.suite_grid(cfg, "nothink")]
+    assert list(suite["attack"].unique()) == ["clean", *attacks] and (suite["model"] == "GRPO-nothink").all()
+    first = [it.question_id for it in safemed.eval_items(cfg)[:2]]
+    assert all(sorted(d["question_id"]) == sorted(first) for _, d in suite.groupby("attack"))
+    linf = suite[suite["norm"] == "linf"]
+    assert (linf["attack_linf"] <= linf["eps"] + 1e-6).all() and linf["perturbed"].all()
+    assert safemed.suite_table(cfg, suite).loc["GRPO-nothink", "n"] == 2
 
 
 def test_evaluate_model_attacks_and_caches(over, monkeypatch):

@@ -142,6 +142,17 @@ def test_interrupted_run_resumes_exactly(items, base_dir, tmp_path, monkeypatch)
     assert any(not torch.equal(untrained[k], got[k]) for k in got)  # it did train
 
 
+def test_keep_steps_leaves_snapshots_along_one_run(items, base_dir, tmp_path):
+    recipe = SFTRecipe(steps=6, lr=2e-3, batch_size=3)
+    vlm = sft.train_sft(models.load_vlm(base_dir), items, recipe, variant="nothink", image_size=SIZE,
+                        out_dir=tmp_path, log_every=1, save_every=100, keep_steps=(2, 4))
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000002", "ckpt-000004", "ckpt-000006"]
+    snap = {k: _weights(models.load_vlm(tmp_path / f"ckpt-00000{k}" / "model")) for k in (2, 4, 6)}
+    final = _weights(vlm)
+    assert all(torch.equal(snap[6][k], final[k]) for k in final)
+    assert any(not torch.equal(snap[2][k], snap[4][k]) for k in final)
+
+
 def test_fewer_then_more_steps_continues(items, base_dir, tmp_path, monkeypatch):
     kw = dict(variant="nothink", image_size=SIZE, log_every=1, save_every=100, out_dir=tmp_path / "run")
     recipe = lambda steps, lr=2e-3: SFTRecipe(steps=steps, lr=lr, batch_size=3)  # noqa: E731

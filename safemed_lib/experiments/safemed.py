@@ -2,6 +2,7 @@
 
     runs = safemed.train(cfg)                  # {"SFT-think": ("think", "sft-think"), ...}
     per_model = safemed.evaluate_all(cfg, runs)  # {label: (clean results, PGD results)}
+    suite = safemed.attack_suite(cfg, runs)    # other objectives, a strong attack, eps curves (long rows)
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from .. import attacks, dataset, evaluate, grpo, report, zoo
+from .. import attacks, benchmark, dataset, evaluate, grpo, report, zoo
 from ..workbook import background
 
 LABELS = {"sft": "SFT", "grpo": "GRPO", "atgrpo": "AT-GRPO", "sftat": "AT-SFT"}
@@ -104,6 +105,119 @@ def evaluate_all(cfg, runs: dict, progress=print) -> dict[str, tuple[pd.DataFram
             progress(f"{label}: clean {100 * clean.correct.mean():.1f}%, PGD {100 * pgd.correct.mean():.1f}% "
                      f"({time.perf_counter() - t0:.0f} s)")
     return out
+
+
+# --------------------------------------------------------------------------- the attack suite
+SUITE_NAMES = {"first_token": "first token (fork)", "margin": "margin (CW)"}
+
+
+def suite_grid(cfg, mode: str) -> list[dict]:
+    """The suite's attacks for a ``mode`` model (``benchmark.attack_grid`` entries): PGD-``steps`` at
+    ``eps`` (the table's attack, name ``linf_<eps>``), the same radius with the first generated
+    token's cross-entropy (the objective of SafeMed-R1's public fork, its step and steps, no random
+    start, bounded in pixel space: ``first_token``), with the option-letter margin for answer-first
+    prompts (``margin``), PGD-``strong_steps`` with ``strong_restarts`` random starts
+    (``linf_<eps>_x<restarts>``), then the eps curve's other radii."""
+    e = cfg.safemed.eval
+    grid = benchmark.attack_grid((e.eps,), (), e.steps)
+    grid[0]["alpha"] = e.alpha / 255
+    grid.append(benchmark.fork_attack(eps=e.eps / 255, name="first_token"))
+    if mode in attacks.ANSWER_FIRST:
+        grid += [dict(g, name="margin") for g in benchmark.attack_grid((e.eps,), (), e.steps, target="margin")]
+    grid += benchmark.attack_grid((e.eps,), (), e.strong_steps, restarts=e.strong_restarts,
+                                  suffix=f"_x{e.strong_restarts}")
+    return grid + benchmark.attack_grid([x for x in e.linf_curve if x != e.eps], e.l2_curve, e.steps)
+
+
+def attack_suite(cfg, runs: dict, progress=print) -> pd.DataFrame:
+    """Every model of ``runs`` under :func:`suite_grid` on the first ``safemed.eval.suite_n`` questions
+    of the table (``benchmark.evaluate_attacks``, records in each model's run directory): long rows
+    ``model`` (the table's label), ``attack``, ``norm``, ``eps``, ``question_id``, ``correct``, ...
+    Empty when ``suite_n`` is 0."""
+    e = cfg.safemed.eval
+    items = eval_items(cfg)[:e.suite_n]
+    frames = []
+    for label, (mode, name) in runs.items() if items else ():
+        t0 = time.perf_counter()
+        frames.append(benchmark.evaluate_attacks(
+            zoo.load(name, cfg), items, prompt=mode, image_size=cfg.data.image_size, grid=suite_grid(cfg, mode),
+            records_dir=zoo.run_dir(name, cfg) / "eval-robust-suite", tag=zoo.fingerprint(name, cfg),
+            batch_size=e.batch_size, max_new_tokens=getattr(cfg.safemed.grpo, mode).max_completion_length,
+            seed=cfg.seed).assign(model=label))
+        if progress:
+            progress(f"{label}: attack suite on {len(items)} questions ({time.perf_counter() - t0:.0f} s)")
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _at_radius(cfg, suite: pd.DataFrame) -> list[str]:
+    e = cfg.safemed.eval
+    names = [f"linf_{e.eps:g}", "first_token", "margin", f"linf_{e.eps:g}_x{e.strong_restarts}"]
+    return [a for a in names if a in set(suite["attack"])]
+
+
+def suite_table(cfg, suite: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy (%) per model under each attack at the table's radius and under the strongest per
+    question (``benchmark.strongest``: right under all of them, and clean); models as rows."""
+    e = cfg.safemed.eval
+    if suite.empty:
+        return pd.DataFrame()
+    rows = []
+    for model, d in suite.groupby("model", sort=False):
+        names = [a for a in _at_radius(cfg, suite) if a in set(d["attack"])]
+        rows.append(benchmark.strongest(d, names).assign(model=model))
+    labels = {f"linf_{e.eps:g}": f"PGD-{e.steps}", f"linf_{e.eps:g}_x{e.strong_restarts}":
+              f"PGD-{e.strong_steps} x{e.strong_restarts}", **SUITE_NAMES}
+    table = pd.concat(rows).assign(attack=lambda d: d["attack"].replace(labels))
+    out = table.pivot(index="model", columns="attack", values="accuracy")
+    order = ["clean", *[labels[a] for a in _at_radius(cfg, suite)], "worst case"]
+    out = out[[c for c in order if c in out]].reindex(suite["model"].unique())
+    return out.round(1).assign(n=table.groupby("model")["n"].first())
+
+
+def curve_attacks(cfg, suite: pd.DataFrame) -> list[str]:
+    """The suite's eps-curve attacks: one per radius (the standard PGD; not the other objectives)."""
+    e = cfg.safemed.eval
+    other = {"first_token", "margin", f"linf_{e.eps:g}_x{e.strong_restarts}"}
+    return [a for a in suite["attack"].unique() if a != "clean" and a not in other]
+
+
+def masking_table(cfg, suite: pd.DataFrame, chance: float) -> pd.DataFrame:
+    """Carlini et al.'s gradient-masking checks per model (``benchmark.masking_checks``): accuracy never
+    rises with eps, reaches about ``chance`` (a fraction) at 64/255, and the strong attack never gets
+    right a question PGD-``steps`` gets wrong."""
+    e = cfg.safemed.eval
+    if suite.empty:
+        return pd.DataFrame(columns=["model", "check", "compared", "value", "limit", "n", "passed"])
+    strong = (f"linf_{e.eps:g}", f"linf_{e.eps:g}_x{e.strong_restarts}")
+    return benchmark.masking_checks(suite, chance=chance, pairs=[strong], sweep_attacks=curve_attacks(cfg, suite),
+                                    large_eps=64 / 255)
+
+
+def curves_figure(cfg, suite: pd.DataFrame):
+    """Accuracy against the radius per model, L-inf and L2 side by side (clean at 0)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    if suite.empty:
+        fig.suptitle("no attack suite (safemed.eval.suite_n = 0)")
+        return fig
+    table = benchmark.sweep_table(suite[suite["attack"].isin(["clean", *curve_attacks(cfg, suite)])])
+    for ax, norm, unit in ((axes[0], "linf", 255), (axes[1], "l2", 1)):
+        for model in suite["model"].unique():
+            d = table[(table["model"] == model) & table["norm"].isin(["none", norm])]
+            ax.plot(d["eps"] * unit, d["accuracy"], marker="o", ms=3, label=model)
+        ticks = sorted(set(table.loc[table["norm"].isin(["none", norm]), "eps"] * unit))
+        if norm == "linf":
+            ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xlabel("L-inf radius (x/255)" if norm == "linf" else "L2 radius ([0, 1] pixels)")
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylim(0, 100)
+    axes[1].legend(fontsize=7, ncol=2, loc="lower left")
+    n = suite["question_id"].nunique()
+    fig.suptitle(f"accuracy against the attack's radius (PGD-{cfg.safemed.eval.steps}, {n} questions)")
+    fig.tight_layout()
+    return fig
 
 
 def modality_table(per_model: dict) -> pd.DataFrame:
