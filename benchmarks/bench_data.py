@@ -118,8 +118,21 @@ def make_originals(folder: Path, n: int, side: int, seed: int = 0) -> float:
 def run(variant: str, image_dir: Path, n: int, size: int, cache_dir: Path) -> dict:
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", CHILD, variant, str(image_dir), str(n), str(size), str(cache_dir)],
-                         check=True, capture_output=True, text=True, env=env)
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:  # a failure is a result too: the variant's row says why
+        tail = (out.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+        print(f"{variant}: exit {out.returncode}: {out.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return {"error": f"exit {out.returncode}: {tail}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _row(r: dict, before: dict | None) -> str:
+    """One table row: the numbers, or why the variant failed."""
+    if "error" in r:
+        return f"| {r['variant']} | failed: {r['error']} | | | | | {r['load']} |"
+    ratio = f"{before['startup_s'] / r['startup_s']:.1f}x" if before else "-"
+    return (f"| {r['variant']} | {r['startup_s']:.1f} | {ratio} | {r['rss_kept_mb']:.0f} | "
+            f"{r['peak_over_start_mb']:.0f} | {r['row_read_ms']:.2f} | {r['load']} |")
 
 
 def main() -> None:
@@ -138,23 +151,23 @@ def main() -> None:
             r = {"variant": label, **run(variant, tmp / "orig", args.n, args.image_size, tmp / "cache"),
                  "load": load_note(1)}
             rows.append(r)
-            print(f"{label:15s} start-up {r['startup_s']:7.1f} s, kept {r['rss_kept_mb']:7.0f} MB, "
-                  f"peak +{r['peak_over_start_mb']:7.0f} MB, row {r['row_read_ms']:.2f} ms", flush=True)
+            print(f"{label:15s} " + (r["error"] if "error" in r else
+                  f"start-up {r['startup_s']:7.1f} s, kept {r['rss_kept_mb']:7.0f} MB, "
+                  f"peak +{r['peak_over_start_mb']:7.0f} MB, row {r['row_read_ms']:.2f} ms"), flush=True)
         cache_mb = sum(p.stat().st_size for p in (tmp / "cache").rglob("*") if p.is_file()) / 2**20
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    same = len({r["pixels_sha256"] for r in rows}) == 1
+    ok = [r for r in rows if "error" not in r]
+    same = len({r["pixels_sha256"] for r in ok}) == 1
     meta = dict(n=args.n, orig_px=args.orig, image_size=args.image_size, generate_s=gen_s, cache_mb=cache_mb,
                 same_pixels=same, machine=platform.processor() or platform.machine(), python=platform.python_version(),
                 cpus=os.cpu_count(), when=time.strftime("%Y-%m-%d %H:%M:%S"))
-    before = rows[0]
+    before = rows[0] if "error" not in rows[0] else None
     lines = [f"# GRPO dataset start-up: {args.n} images, {args.orig} px PNG originals -> {args.image_size} px", "",
              "| variant | start-up (s) | vs before | RSS kept (MB) | peak RSS over start (MB) | row read (ms) | load |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['variant']} | {r['startup_s']:.1f} | {before['startup_s'] / r['startup_s']:.1f}x | "
-              f"{r['rss_kept_mb']:.0f} | {r['peak_over_start_mb']:.0f} | {r['row_read_ms']:.2f} | {r['load']} |"
-              for r in rows]
-    lines += ["", f"Same pixels in all three (64 rows compared): {'yes' if same else 'NO'}. "
+    lines += [_row(r, before) for r in rows]
+    lines += ["", f"Same pixels in the variants that finished ({len(ok)}; 64 rows compared): {'yes' if same else 'NO'}. "
               f"Cache on disk: {cache_mb:.0f} MB. RSS kept: VmRSS after the build minus before, in a fresh process."]
     write("bench_data", meta, rows, lines)
 
