@@ -196,7 +196,7 @@ class RobustEval(Block):
     alpha: PosFloat = 2        # PGD step, 1/255
     steps: PosInt = 10
     batch_size: PosInt = 32
-    suite_n: Count = 16        # questions of the attack suite, the table's first (0: none); costly: ~50 PGD passes each
+    suite_n: Count = 8         # questions of the attack suite, the table's first (0: none); tiny_eval.yaml: more
     strong_steps: PosInt = 50  # the strong attack: PGD steps (step 2.5 eps / steps) ...
     strong_restarts: PosInt = 5  # ... and random starts, the worst per question
     linf_curve: list[PosFloat] = [1, 2, 4, 16, 64]   # eps curve, L-inf radii in 1/255 (eps is added); 64: about chance
