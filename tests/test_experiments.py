@@ -123,6 +123,17 @@ def test_suite_table_takes_the_worst_case_and_masking_checks_catch_a_stronger_at
     assert safemed.suite_table(cfg, pd.DataFrame()).empty and safemed.masking_table(cfg, pd.DataFrame(), 0.25).empty
 
 
+def test_cot_table_pairs_think_with_nothink_per_method():
+    q = [f"q{i}" for i in range(10)]
+    res = lambda right: pd.DataFrame({"question_id": q, "correct": [i < right for i in range(10)]})  # noqa: E731
+    per_model = {"SFT-think": (res(9), res(6)), "SFT-nothink": (res(9), res(2)), "AT-SFT-think": (res(8), res(7))}
+    t = safemed.cot_table(per_model)  # AT-SFT has no nothink model: no row
+    assert t[["method", "images"]].values.tolist() == [["SFT", "clean"], ["SFT", "PGD"]]
+    pgd = t.iloc[1]
+    assert (pgd["nothink"], pgd["think"], pgd["diff"], pgd["think_only"], pgd["nothink_only"]) == (20.0, 60.0, 40.0, 4, 0)
+    assert pgd["p_value"] == pytest.approx(0.125)  # exact McNemar: 4 discordant pairs, all one way
+
+
 def test_robustness_claims_verdicts():
     t = pd.DataFrame({"clean": [70.0, 65.0, 60.0, 58.0], "PGD": [30.0, 45.0, 20.0, 25.0]},
                      index=["SFT-think", "AT-GRPO-think", "SFT-nothink", "AT-GRPO-nothink"])

@@ -254,6 +254,18 @@ def paired_table(per_model: dict, targets: pd.DataFrame) -> pd.DataFrame:
     return paired.round({c: 1 for c in ("acc_a", "acc_b", "diff", "ci_low", "ci_high")}).round({"p_value": 4})
 
 
+def cot_table(per_model: dict) -> pd.DataFrame:
+    """Chain of thought against answer-only: per method with both forms, the paired test
+    (``evaluate.paired_test``) of <method>-think (b) against <method>-nothink (a), clean and under
+    PGD, on the same questions; the clean row shows how far the two are from matched accuracy."""
+    methods = [k for k in ("SFT", "GRPO", "AT-GRPO", "AT-SFT") if {f"{k}-think", f"{k}-nothink"} <= set(per_model)]
+    rows = [{"method": k, "images": kind, **evaluate.paired_test(per_model[f"{k}-nothink"][i], per_model[f"{k}-think"][i])}
+            for k in methods for i, kind in enumerate(("clean", "PGD"))]
+    table = pd.DataFrame(rows).rename(columns={"acc_a": "nothink", "acc_b": "think", "a_only": "nothink_only",
+                                               "b_only": "think_only"})
+    return table.round({c: 1 for c in ("nothink", "think", "diff", "ci_low", "ci_high")}).round({"p_value": 4})
+
+
 def diagnostics(per_model: dict) -> pd.DataFrame:
     """Per model: the most common letter's share (clean), answers changed by PGD, the attack's mean loss gain."""
     return pd.DataFrame({label: {
