@@ -8,12 +8,12 @@
 Recipes are chosen on validation, never on test: the SFT start is trained (from the zoo's base) on
 the training split minus a per-image validation split (``dataset.validation``), AT-GRPO continues
 (or AT-SFT, ``--method at-sft``: Madry-style supervised adversarial training with the AT-SFT
-recipe) from it on the same images with the profile's training attack (``--attack key=value``
+recipe; or ``--method grpo``, the same GRPO without the attack) from it on the same images with the profile's training attack (``--attack key=value``
 changes a field of it, ``--recipe key=value`` one of the GRPO or AT-SFT recipe), and snapshots at ``--eval-at`` steps
 are scored on up to ``safemed.eval.n`` validation questions, clean and under the profile's PGD
 (``safemed.eval``, as in notebook 05). ``--seed`` seeds the AT-GRPO run only: the benchmark, the
 split and the SFT start follow the profile's ``seed`` (changing that regenerates the benchmark).
-Everything lives under ``--out/[at-sft-]<mode>-lr<lr>-s<seed>[-<changes>]/`` and resumes: the SFT start, the GRPO run
+Everything lives under ``--out/[at-sft-|grpo-]<mode>-lr<lr>-s<seed>[-<changes>]/`` and resumes: the SFT start, the GRPO run
 (TRL checkpoints), the snapshots and the per-item evaluation records. One row per snapshot goes to
 ``results.csv`` there.
 """
@@ -84,7 +84,8 @@ def _changed(block, update: dict):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="tiny")
-    ap.add_argument("--method", choices=("at-grpo", "at-sft"), default="at-grpo")
+    ap.add_argument("--method", choices=("at-grpo", "at-sft", "grpo"), default="at-grpo",
+                    help="grpo: the same GRPO run without the attack (the equal-budget baseline)")
     ap.add_argument("--mode", choices=("think", "nothink"), default="think")
     ap.add_argument("--lr", type=float, required=True)
     ap.add_argument("--steps", type=int, default=1500)
@@ -109,7 +110,7 @@ def main(argv=None):
     fit, val = dataset.validation(train, cfg)
     changes = config.parse_overrides(args.recipe + args.attack)
     name = f"{args.mode}-lr{args.lr:g}-s{args.seed}" + "".join(f"-{k}{v}" for k, v in changes.items())
-    out = Path(args.out) / (name if args.method == "at-grpo" else f"at-sft-{name}")
+    out = Path(args.out) / (name if args.method == "at-grpo" else f"{args.method}-{name}")
     out.mkdir(parents=True, exist_ok=True)
     start = _start(cfg, args.mode, fit, Path(args.out))
 
@@ -117,9 +118,9 @@ def main(argv=None):
     adv = {"eps": attack.eps / 255, "alpha": attack.alpha / 255, "steps": attack.steps, "fraction": attack.fraction}
     steps = sorted(s for s in set(args.eval_at) if s <= args.steps)
     update = {"steps": args.steps, "lr": args.lr, **config.parse_overrides(args.recipe)}
-    if args.method == "at-grpo":
+    if args.method in ("at-grpo", "grpo"):
         recipe = _changed(getattr(cfg.safemed.grpo, args.mode), update)
-        adv["ramp_steps"] = attack.ramp_steps
+        adv = {**adv, "ramp_steps": attack.ramp_steps} if args.method == "at-grpo" else None
         snapshot = lambda s: out / f"step-{s}" / "model"  # noqa: E731
         if not all(snapshot(s).is_dir() for s in steps):
             vlm = models.load_vlm(start, image_size=cfg.data.image_size)
