@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -117,12 +118,15 @@ def make_originals(folder: Path, n: int, side: int, seed: int = 0) -> float:
 
 def run(variant: str, image_dir: Path, n: int, size: int, cache_dir: Path) -> dict:
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, variant, str(image_dir), str(n), str(size), str(cache_dir)],
                          capture_output=True, text=True, env=env)
-    if out.returncode != 0:  # a failure is a result too: the variant's row says why
+    if out.returncode != 0:  # a failure is a result too: the variant's row says why, when and at what memory
         tail = (out.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
         print(f"{variant}: exit {out.returncode}: {out.stderr[-3000:]}", file=sys.stderr, flush=True)
-        return {"error": f"exit {out.returncode}: {tail}"}
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far
+        return {"error": f"exit {out.returncode} after {time.perf_counter() - t0:.0f} s (whole process, "
+                         f"imports included; peak RSS of the largest child so far {peak:.0f} MB): {tail}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

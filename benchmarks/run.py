@@ -24,7 +24,7 @@ SCRIPTS = {  # name -> (script, args, args with --quick, its Markdown output)
     "sft": ("bench_sft.py", ["--no-cache"], ["--steps", "40"], "bench_sft.md"),
     "cost": ("bench_cost.py", [], ["--quick"], "cost.md"),
     "opt": ("bench_opt.py", [], ["--repeats", "3"], "bench_opt.md"),
-    "data": ("bench_data.py", ["--n", "2000"], ["--n", "200"], "bench_data.md"),
+    "data": ("bench_data.py", [], ["--n", "200"], "bench_data.md"),
     "gpu": ("gpu_check.py", [], [], "gpu_check.md"),
 }
 
