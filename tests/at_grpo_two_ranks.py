@@ -20,9 +20,9 @@ import transformers.generation.utils as gen_utils
 from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy import SIZE, toy_items  # noqa: E402
+from toy import per_process_toy  # noqa: E402
 
-from safemed_lib import at_grpo, grpo, models  # noqa: E402
+from safemed_lib import at_grpo, grpo  # noqa: E402
 from safemed_lib.config import GRPORecipe  # noqa: E402
 
 MARK = 1000.0  # what one process contributes per forward: anything else paired with it is out of step
@@ -31,12 +31,7 @@ MARK = 1000.0  # what one process contributes per forward: anything else paired 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     state = PartialState(cpu=True)
-    data_dir = out / f"data{state.process_index}"  # the same toy items, one copy per process (no races)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    items = toy_items(data_dir)
-    torch.manual_seed(0)
-    vlm = models.build_tiny_vlm([f"{it.question} {' '.join(it.options)}" for it in items] * 5,
-                                image_size=SIZE, hidden_size=32)
+    items, vlm = per_process_toy(out, state.process_index)
     forwards = [0]
 
     def zero3_like(module, args):

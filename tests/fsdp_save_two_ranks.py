@@ -27,9 +27,9 @@ from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy import SIZE, toy_items  # noqa: E402
+from toy import per_process_toy  # noqa: E402
 
-from safemed_lib import at_grpo, grpo, models, prompts  # noqa: E402
+from safemed_lib import at_grpo, grpo, prompts  # noqa: E402
 from safemed_lib.config import GRPORecipe  # noqa: E402
 
 _init = AcceleratorState.__init__
@@ -67,12 +67,7 @@ def main(out: Path, attack: bool) -> None:
     torch.set_num_threads(1)
     AcceleratorState.__init__ = _fsdp_on_cpu
     state = PartialState(cpu=True)
-    data_dir = out / f"data{state.process_index}"  # the same toy items, one copy per process (no races)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    items = toy_items(data_dir)
-    torch.manual_seed(0)
-    vlm = models.build_tiny_vlm([f"{it.question} {' '.join(it.options)}" for it in items] * 5,
-                                image_size=SIZE, hidden_size=32)
+    items, vlm = per_process_toy(out, state.process_index)
     init = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
     look = Gathered()
     grpo.reward_funcs = lambda mode: [length_reward]  # rewards that differ within a group: the weights move

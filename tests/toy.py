@@ -29,12 +29,25 @@ def toy_items(tmp: Path, n: int = 8, prefix: str = "q") -> list[data.VQAItem]:
     return out
 
 
+def toy_vlm(items: list[data.VQAItem], hidden_size: int = 64):
+    """An untrained tiny model (seed 0) whose tokenizer is learnt on the toy items' texts."""
+    torch.manual_seed(0)
+    return models.build_tiny_vlm([f"{it.question} {' '.join(it.options)}" for it in items] * 5,
+                                 image_size=SIZE, hidden_size=hidden_size)
+
+
+def per_process_toy(out: Path, process_index: int):
+    """For the multi-process workers: (the toy items written under ``out/data<k>``, one copy per
+    process so that no two write the same file, an untrained tiny model of hidden size 32)."""
+    data_dir = out / f"data{process_index}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    items = toy_items(data_dir)
+    return items, toy_vlm(items, hidden_size=32)
+
+
 def warm_toy_model(tmp: Path) -> tuple[list[data.VQAItem], Path]:
     """(the toy items, a tiny model given 40 answer-only SFT steps on them, saved under ``tmp/warm``)."""
     items = toy_items(tmp)
-    torch.manual_seed(0)
-    vlm = models.build_tiny_vlm([f"{it.question} {' '.join(it.options)}" for it in items] * 5,
-                                image_size=SIZE, hidden_size=64)
-    vlm = sft.train_sft(vlm, items, SFTRecipe(steps=40, lr=1e-2, batch_size=8), variant="nothink",
+    vlm = sft.train_sft(toy_vlm(items), items, SFTRecipe(steps=40, lr=1e-2, batch_size=8), variant="nothink",
                         image_size=SIZE, out_dir=tmp / "sft", log_every=5)
     return items, vlm.save(tmp / "warm")
