@@ -111,6 +111,12 @@ def evaluate_all(cfg, runs: dict, progress=print) -> dict[str, tuple[pd.DataFram
 SUITE_NAMES = {"first_token": "first token (fork)", "margin": "margin (CW)"}
 
 
+def _pgd_and_strong(cfg) -> tuple[str, str]:
+    """The grid names of the table's PGD and of the strong attack (``benchmark.attack_grid``'s names)."""
+    e = cfg.safemed.eval
+    return f"linf_{e.eps:g}", f"linf_{e.eps:g}_x{e.strong_restarts}"
+
+
 def suite_grid(cfg, mode: str) -> list[dict]:
     """The suite's attacks for a ``mode`` model (``benchmark.attack_grid`` entries): PGD-``steps`` at
     ``eps`` (the table's attack, name ``linf_<eps>``), the same radius with the first generated
@@ -150,9 +156,8 @@ def attack_suite(cfg, runs: dict, progress=print) -> pd.DataFrame:
 
 
 def _at_radius(cfg, suite: pd.DataFrame) -> list[str]:
-    e = cfg.safemed.eval
-    names = [f"linf_{e.eps:g}", "first_token", "margin", f"linf_{e.eps:g}_x{e.strong_restarts}"]
-    return [a for a in names if a in set(suite["attack"])]
+    pgd, strong = _pgd_and_strong(cfg)
+    return [a for a in (pgd, "first_token", "margin", strong) if a in set(suite["attack"])]
 
 
 def suite_table(cfg, suite: pd.DataFrame) -> pd.DataFrame:
@@ -165,8 +170,8 @@ def suite_table(cfg, suite: pd.DataFrame) -> pd.DataFrame:
     for model, d in suite.groupby("model", sort=False):
         names = [a for a in _at_radius(cfg, suite) if a in set(d["attack"])]
         rows.append(benchmark.strongest(d, names).assign(model=model))
-    labels = {f"linf_{e.eps:g}": f"PGD-{e.steps}", f"linf_{e.eps:g}_x{e.strong_restarts}":
-              f"PGD-{e.strong_steps} x{e.strong_restarts}", **SUITE_NAMES}
+    pgd, strong = _pgd_and_strong(cfg)
+    labels = {pgd: f"PGD-{e.steps}", strong: f"PGD-{e.strong_steps} x{e.strong_restarts}", **SUITE_NAMES}
     table = pd.concat(rows).assign(attack=lambda d: d["attack"].replace(labels))
     out = table.pivot(index="model", columns="attack", values="accuracy")
     order = ["clean", *[labels[a] for a in _at_radius(cfg, suite)], "worst case"]
@@ -176,8 +181,7 @@ def suite_table(cfg, suite: pd.DataFrame) -> pd.DataFrame:
 
 def curve_attacks(cfg, suite: pd.DataFrame) -> list[str]:
     """The suite's eps-curve attacks: one per radius (the standard PGD; not the other objectives)."""
-    e = cfg.safemed.eval
-    other = {"first_token", "margin", f"linf_{e.eps:g}_x{e.strong_restarts}"}
+    other = {"first_token", "margin", _pgd_and_strong(cfg)[1]}
     return [a for a in suite["attack"].unique() if a != "clean" and a not in other]
 
 
@@ -185,11 +189,9 @@ def masking_table(cfg, suite: pd.DataFrame, chance: float) -> pd.DataFrame:
     """Carlini et al.'s gradient-masking checks per model (``benchmark.masking_checks``): accuracy never
     rises with eps, reaches about ``chance`` (a fraction) at 64/255, and the strong attack never gets
     right a question PGD-``steps`` gets wrong."""
-    e = cfg.safemed.eval
     if suite.empty:
         return pd.DataFrame(columns=["model", "check", "compared", "value", "limit", "n", "passed"])
-    strong = (f"linf_{e.eps:g}", f"linf_{e.eps:g}_x{e.strong_restarts}")
-    return benchmark.masking_checks(suite, chance=chance, pairs=[strong], sweep_attacks=curve_attacks(cfg, suite),
+    return benchmark.masking_checks(suite, chance=chance, pairs=[_pgd_and_strong(cfg)], sweep_attacks=curve_attacks(cfg, suite),
                                     large_eps=64 / 255)
 
 
