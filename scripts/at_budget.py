@@ -11,7 +11,7 @@ the training split minus a per-image validation split (``dataset.validation``), 
 recipe; or ``--method grpo``, the same GRPO without the attack) from it on the same images with the profile's training attack (``--attack key=value``
 changes a field of it, ``--recipe key=value`` one of the GRPO or AT-SFT recipe), and snapshots at ``--eval-at`` steps
 are scored on up to ``safemed.eval.n`` validation questions, clean and under the profile's PGD
-(``safemed.eval``, as in notebook 05). ``--seed`` seeds the AT-GRPO run only: the benchmark, the
+(``safemed.eval``, as in notebook 05). ``--seed`` seeds the training run only: the benchmark, the
 split and the SFT start follow the profile's ``seed`` (changing that regenerates the benchmark).
 Everything lives under ``--out/[at-sft-|grpo-]<mode>-lr<lr>-s<seed>[-<changes>]/`` and resumes: the SFT start, the GRPO run
 (TRL checkpoints), the snapshots and the per-item evaluation records. One row per snapshot goes to
@@ -90,7 +90,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, required=True)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--eval-at", type=int, nargs="+", default=[250, 500, 1000, 1500])
-    ap.add_argument("--seed", type=int, default=0, help="AT-GRPO's seed (the benchmark, split and SFT start "
+    ap.add_argument("--seed", type=int, default=0, help="the training run's seed (the benchmark, split and SFT start "
                     "keep the profile's seed)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", nargs="*", default=[], help="profile overrides key=value")
