@@ -173,6 +173,10 @@ class TrainAttack(Block):
     fraction: Share = 0.5      # share of each batch's questions attacked
     ramp_steps: Count = 10     # AT-GRPO: eps ramps up linearly over the first optimizer steps (0: none)
 
+    def pixels(self) -> dict:
+        """The attack as the trainers take it: eps and alpha in [0, 1] pixel units, steps, fraction."""
+        return {"eps": self.eps / 255, "alpha": self.alpha / 255, "steps": self.steps, "fraction": self.fraction}
+
 
 class ATSFT(SFTRecipe):
     """Madry-style adversarial fine-tuning from SFT with the same training attack (AT-SFT rows)."""

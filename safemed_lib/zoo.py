@@ -119,8 +119,7 @@ def _sft(cfg, variant: str) -> Spec:
 
 def train_attack(cfg) -> dict:
     """The training attack of AT-SFT (and, with its ramp, AT-GRPO) in pixel units [0, 1]."""
-    a = cfg.safemed.train_attack
-    return {"eps": a.eps / 255, "alpha": a.alpha / 255, "steps": a.steps, "fraction": a.fraction}
+    return cfg.safemed.train_attack.pixels()
 
 
 def _sftat(cfg, variant: str) -> Spec:

@@ -8,14 +8,15 @@
 Recipes are chosen on validation, never on test: the SFT start is trained (from the zoo's base) on
 the training split minus a per-image validation split (``dataset.validation``), AT-GRPO continues
 (or AT-SFT, ``--method at-sft``: Madry-style supervised adversarial training with the AT-SFT
-recipe; or ``--method grpo``, the same GRPO without the attack) from it on the same images with the profile's training attack (``--attack key=value``
-changes a field of it, ``--recipe key=value`` one of the GRPO or AT-SFT recipe), and snapshots at ``--eval-at`` steps
-are scored on up to ``safemed.eval.n`` validation questions, clean and under the profile's PGD
-(``safemed.eval``, as in notebook 05). ``--seed`` seeds the training run only: the benchmark, the
-split and the SFT start follow the profile's ``seed`` (changing that regenerates the benchmark).
-Everything lives under ``--out/[at-sft-|grpo-]<mode>-lr<lr>-s<seed>[-<changes>]/`` and resumes: the SFT start, the GRPO run
-(TRL checkpoints), the snapshots and the per-item evaluation records. One row per snapshot goes to
-``results.csv`` there.
+recipe; or ``--method grpo``, the same GRPO without the attack) from it on the same images with
+the profile's training attack (``--attack key=value`` changes a field of it, ``--recipe key=value``
+one of the GRPO or AT-SFT recipe), and snapshots at ``--eval-at`` steps are scored on up to
+``safemed.eval.n`` validation questions, clean and under the profile's PGD (``safemed.eval``, as in
+notebook 05). ``--seed`` seeds the training run only: the benchmark, the split and the SFT start
+follow the profile's ``seed`` (changing that regenerates the benchmark). Everything lives under
+``--out/[at-sft-|grpo-]<mode>-lr<lr>-s<seed>[-<changes>]/`` and resumes: the SFT start, the
+training run (checkpoints), the snapshots and the per-item evaluation records. One row per snapshot
+goes to ``results.csv`` there.
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def main(argv=None):
     start = _start(cfg, args.mode, fit, Path(args.out))
 
     attack = _changed(cfg.safemed.train_attack, config.parse_overrides(args.attack))
-    adv = {"eps": attack.eps / 255, "alpha": attack.alpha / 255, "steps": attack.steps, "fraction": attack.fraction}
+    adv = attack.pixels()
     steps = sorted(s for s in set(args.eval_at) if s <= args.steps)
     update = {"steps": args.steps, "lr": args.lr, **config.parse_overrides(args.recipe)}
     if args.method in ("at-grpo", "grpo"):
