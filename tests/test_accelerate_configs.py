@@ -7,24 +7,15 @@ from pathlib import Path
 import pytest
 
 from safemed_lib import models
+from twoproc import launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 
 
-def _launch_env(path: Path) -> dict[str, str]:
-    """The environment ``accelerate launch --config_file path`` gives each process (no process started)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
-
-    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
-    out = _validate_launch_command(args)
-    return prepare_multi_gpu_env(out[0] if isinstance(out, tuple) else args)
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_launch_config_is_read_by_accelerate(path):
-    env = _launch_env(path)
+    env = launch_env(path)
     assert env.get("ACCELERATE_MIXED_PRECISION") in {"no", "bf16"}, path.name
 
 
@@ -34,7 +25,7 @@ def test_fsdp_config_wraps_the_layers_of_both_architectures(arch, layers, monkey
     from accelerate import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
-    for k, v in _launch_env(ROOT / "configs" / "accelerate" / "fsdp.yaml").items():
+    for k, v in launch_env(ROOT / "configs" / "accelerate" / "fsdp.yaml").items():
         if k.startswith(("FSDP_", "ACCELERATE_")):
             monkeypatch.setenv(k, v)
     plugin = FullyShardedDataParallelPlugin()  # reads the launch environment, as in each process

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from safemed_lib import at_grpo, config, data, dataset, grpo, grpo_dist, models, prompts, runs, zoo
 from safemed_lib.config import GRPORecipe
 from toy import SIZE, toy_items, warm_toy_model
-from twoproc import torchrun
+from twoproc import launch_env, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -481,9 +481,7 @@ def test_fsdp_two_processes_sharded_training_and_save(tmp_path, attack):
     really sharded (half of each tensor per process) and the final save, made through the trainer's
     own save on both processes, holds the full trained weights (the old main-process-only
     ``vlm.save`` fails on the sharded parameters). AT-GRPO where only rank 0 attacks finishes."""
-    from test_accelerate_configs import _launch_env
-
-    env = {k: v for k, v in _launch_env(ROOT / "configs/accelerate/fsdp.yaml").items()
+    env = {k: v for k, v in launch_env(ROOT / "configs/accelerate/fsdp.yaml").items()
            if k.startswith(("FSDP_", "ACCELERATE_"))}
     env["ACCELERATE_MIXED_PRECISION"] = "no"  # bf16 autocast is a CUDA setting (fp32 on the CPU)
     torchrun("fsdp_save_two_ranks.py", tmp_path, port=29547 + attack, env=env, args=["--attack"] * attack)

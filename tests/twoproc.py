@@ -1,4 +1,5 @@
-"""Two CPU processes under torchrun (gloo) for the distributed tests, killed as a group on timeout."""
+"""Two CPU processes under torchrun (gloo) for the distributed tests, killed as a group on timeout, and
+the environment ``accelerate launch`` gives each process of a launch config."""
 from __future__ import annotations
 
 import os
@@ -34,3 +35,13 @@ def torchrun(worker: str, out: Path, port: int, timeout: float = 120, env: dict 
     res = run_killable(cmd, timeout=timeout, env=full_env, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:]
     return res
+
+
+def launch_env(path: Path) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file path`` gives each process (no process started)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    out = _validate_launch_command(args)
+    return prepare_multi_gpu_env(out[0] if isinstance(out, tuple) else args)
