@@ -54,6 +54,80 @@ def rate(classify, x, batch_size, repeats, sigma=0.25, seed=0):
     return batch_size / statistics.median(times)
 
 
+def _old_logprob_classifier(vlm, item):
+    """The fast path before ``OptionScorer``: ``VLM.option_logprobs`` on every noisy copy."""
+    def classify(images):
+        return torch.stack([s.argmax() for s in vlm.option_logprobs(images, [item] * len(images))])
+    return classify
+
+
+def flops_per_sample(fn, batch: int) -> float:
+    """FLOPs of one call of ``fn`` (torch's FlopCounterMode: matrix products and attention) / batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops() / batch
+
+
+def matmul_gflops(vlm, batch: int, repeats: int = 20) -> float:
+    """GFLOP/s of this core on the language model's own matrix product (batch x tokens rows,
+    hidden -> intermediate): the best the model's largest layers can run at here."""
+    cfg = vlm.model.config.text_config
+    a = torch.randn(batch * 100, cfg.hidden_size)
+    w = torch.randn(cfg.intermediate_size, cfg.hidden_size)
+    torch.nn.functional.linear(a, w)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(a, w)
+        ts.append(time.perf_counter() - t0)
+    return 2 * a.shape[0] * w.shape[0] * w.shape[1] / min(ts) / 1e9
+
+
+def side_by_side(vlm, item, x, batch_sizes, samples: int, repeats: int) -> dict:
+    """End-to-end certification samples/s (noise + classifier + counting) of the fast path before and
+    after ``OptionScorer``, interleaved per repeat, against the FLOP floor of each computation."""
+    from safemed_lib.models import OptionScorer
+
+    k = len(item.options) + 1
+    scorer = OptionScorer(vlm, item)
+    variants = {
+        "before: option_logprobs, pixel noise": lambda bs, g: smoothing.sample_counts(
+            _old_logprob_classifier(vlm, item), x, samples, sigma=0.25, batch_size=bs, num_classes=k, generator=g),
+        "OptionScorer, pixel noise": lambda bs, g: smoothing.sample_counts(
+            lambda im: scorer.logprobs(im).argmax(-1), x, samples, sigma=0.25, batch_size=bs, num_classes=k,
+            generator=g),
+        "OptionScorer, noise in the patch embedding": lambda bs, g: scorer.counts(
+            x, samples, sigma=0.25, batch_size=bs, num_classes=k, generator=g),
+    }
+    rows = []
+    with torch.no_grad():
+        for bs in batch_sizes:
+            times = {v: [] for v in variants}
+            for fn in variants.values():
+                fn(bs, torch.Generator().manual_seed(0))           # warm-up
+            for r in range(repeats):
+                for v, fn in variants.items():
+                    t0 = time.perf_counter()
+                    fn(bs, torch.Generator().manual_seed(r))
+                    times[v].append(time.perf_counter() - t0)
+            rows += [{"variant": v, "batch_size": bs, "samples_per_s": samples / statistics.median(t)}
+                     for v, t in times.items()]
+    b = max(batch_sizes)
+    noisy = x.unsqueeze(0).expand(b, *x.shape) + 0.25 * torch.randn(b, *x.shape)
+    flops = {"before": flops_per_sample(lambda: vlm.option_logprobs(noisy, [item] * b), b),
+             "after": flops_per_sample(lambda: scorer.noisy_logprobs(x, b, sigma=0.25), b)}
+    peak = matmul_gflops(vlm, b)
+    best = {v: max(r["samples_per_s"] for r in rows if r["variant"] == v) for v in variants}
+    before, after = list(variants)[0], list(variants)[-1]
+    return {"samples": samples, "rows": rows, "best": best, "speedup": best[after] / best[before],
+            "flops_per_sample": flops, "matmul_gflops": peak,
+            "floor_samples_per_s": {kk: peak * 1e9 / f for kk, f in flops.items()},
+            "share_of_floor": {before: best[before] / (peak * 1e9 / flops["before"]),
+                               after: best[after] / (peak * 1e9 / flops["after"])}}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="tiny", help="configs/<name>.yaml or a YAML path")
@@ -66,6 +140,7 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--items", type=int, default=2, help="items certified for the per-item time")
+    ap.add_argument("--samples", type=int, default=512, help="noisy samples per timed run of the side-by-side")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     safemed_lib.set_threads(args.threads)
@@ -100,6 +175,8 @@ def main(argv=None):
     best_bs = {c: max((s for s in sweep if s["classifier"] == c), key=lambda s: s["samples_per_s"])["batch_size"]
                for c in kinds}
 
+    side = side_by_side(vlm, item, x, [int(b) for b in args.batch_sizes.split(",")], args.samples, args.repeats)
+
     per_item = {}
     for method in ("logprob", "generate"):
         t0 = time.perf_counter()
@@ -120,6 +197,7 @@ def main(argv=None):
         "speedup_vs_think_generation": best["logprob"] / best["generate-think"],
         "n0": n0, "n": n, "seconds_per_certified_item": per_item,
         "max_certifiable_radius_at_sigma_0.25": smoothing.max_certifiable_radius(0.25, n, 0.001),
+        "fast_path_before_after": side,
     }
     OUT.mkdir(parents=True, exist_ok=True)
     atomic_write_text(OUT / "bench_certify.json", json.dumps(result, indent=2) + "\n")
@@ -137,6 +215,16 @@ def main(argv=None):
               f"generate {per_item['generate']:.2f} s",
               f"- at the reference n0=100, n=100,000 the logprob path would need about "
               f"{100_100 / best['logprob'] / 60:.0f} min per item on this machine"]
+    fl, fs = side["flops_per_sample"], side["floor_samples_per_s"]
+    lines += ["", f"## The fast path before and after OptionScorer (end to end: noise, classifier, counts; "
+              f"{side['samples']} samples per timed run, median of {args.repeats} interleaved repeats)", "",
+              "| variant | batch size | samples/s |", "| --- | --- | --- |"]
+    lines += [f"| {r['variant']} | {r['batch_size']} | {r['samples_per_s']:.1f} |" for r in side["rows"]]
+    lines += ["", f"- speed-up, best batch size each: **{side['speedup']:.2f}x** (goal: at least 3x)",
+              f"- FLOPs per sample: before {fl['before'] / 1e6:.1f} M, after {fl['after'] / 1e6:.1f} M; this core runs "
+              f"the model's largest matrix product at {side['matmul_gflops']:.1f} GFLOP/s, so the floors are "
+              f"{fs['before']:.0f} and {fs['after']:.0f} samples/s",
+              "- share of its floor reached: " + ", ".join(f"{v} {100 * r:.0f}%" for v, r in side["share_of_floor"].items())]
     atomic_write_text(OUT / "bench_certify.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

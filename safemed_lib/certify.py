@@ -60,7 +60,21 @@ def logprob_classifier(vlm, item, *, prompt: str = "nothink") -> Classifier:
     ``<think>`` first and the answer depends on the reasoning), so
     certify think models with ``generation_classifier``. Class ids: 0..n_options-1 (use
     ``num_classes = len(item.options) + 1`` to share the class space with the generation path).
+    Qwen2-VL models go through ``models.OptionScorer`` (the same log-probs to float rounding, computed
+    once per question where they do not depend on the pixels).
     """
+    from .models import option_scorer
+
+    if option_scorer.supported(vlm):  # the same log-probs without the per-image repeats
+        scorers = {}
+
+        def fast(images: torch.Tensor) -> torch.Tensor:
+            size = tuple(images.shape[-2:])
+            if size not in scorers:
+                scorers[size] = option_scorer.OptionScorer(vlm, item, prompt, size)
+            return scorers[size].logprobs(images).detach().cpu().argmax(-1)
+        return fast
+
     def classify(images: torch.Tensor) -> torch.Tensor:
         scores = vlm.option_logprobs(images, [item] * len(images), prompt=prompt)
         return torch.stack([s.detach().float().cpu().argmax() for s in scores]).long()
@@ -74,6 +88,26 @@ def base_classifier(vlm, item, *, method: str, prompt: str, max_new_tokens: int 
     if method == "logprob":
         return logprob_classifier(vlm, item, prompt=prompt)
     return generation_classifier(vlm, item, prompt=prompt, max_new_tokens=max_new_tokens)
+
+
+def sampler(vlm, item, *, method: str, prompt: str, noise: str = "embedding", max_new_tokens: int = 64,
+            image_size: int | None = None):
+    """``(x, num, sigma=, batch_size=, num_classes=, generator=) -> class counts`` as ``certify_items``
+    draws them: ``OptionScorer.counts`` on the fast path of a supported model with ``noise="embedding"``,
+    else ``smoothing.sample_counts`` over ``base_classifier``."""
+    from .models import option_scorer
+    from .smoothing import sample_counts
+
+    if _embedding_noise(vlm, method, noise):
+        return option_scorer.OptionScorer(vlm, item, prompt, image_size).counts
+    classify = base_classifier(vlm, item, method=method, prompt=prompt, max_new_tokens=max_new_tokens)
+    return lambda x, num, **kw: sample_counts(classify, x, num, **kw)
+
+
+def _embedding_noise(vlm, method: str, noise: str) -> bool:
+    from .models import option_scorer
+
+    return method == "logprob" and noise == "embedding" and option_scorer.supported(vlm)
 
 
 def pick_items(items, n: int, by: str = "modality") -> list:
@@ -91,8 +125,9 @@ def pick_items(items, n: int, by: str = "modality") -> list:
 
 
 METHODS = ("logprob", "generate")
+NOISE = ("embedding", "pixel")
 # record fields that identify a certification run; one records file must not mix runs
-_SETTINGS = ("sigma", "n0", "n", "alpha", "method", "prompt", "image_size", "seed", "max_new_tokens", "model")
+_SETTINGS = ("sigma", "n0", "n", "alpha", "method", "prompt", "image_size", "seed", "max_new_tokens", "model", "noise")
 
 
 def item_generator(seed: int, question_id: str, device="cpu") -> torch.Generator:
@@ -104,18 +139,21 @@ def item_generator(seed: int, question_id: str, device="cpu") -> torch.Generator
 def certify_items(vlm, items, *, sigma: float, n0: int, n: int, alpha: float, method: str = "logprob",
                   prompt: str = "nothink", image_size: int | None, records_path=None, batch_size: int = 32,
                   seed: int = 0, max_new_tokens: int = 64, model_id: str | None = None,
-                  desc: str | None = None) -> pd.DataFrame:
+                  desc: str | None = None, noise: str = "embedding") -> pd.DataFrame:
     """CERTIFY every item with the VLM as base classifier; one row per item, in ``items``' order.
 
     ``method``: "logprob" (``logprob_classifier``, answer-only models) or "generate"
     (``generation_classifier``). Classes: option indices 0..k-1, k = "no valid answer"; pred is
-    ABSTAIN (-1) when CERTIFY abstains. With ``records_path`` each finished item is appended to a
+    ABSTAIN (-1) when CERTIFY abstains. ``noise="embedding"``: on the fast path of a model that
+    ``models.option_scorer.supported``, the Gaussian noise is drawn in the patch embedding
+    (``OptionScorer.counts``: the same distribution of outputs, far fewer draws); otherwise, and with
+    ``"pixel"``, in pixel space (``smoothing.sample_counts``); column ``noise_drawn`` says which. With ``records_path`` each finished item is appended to a
     ``Records`` file (key = question_id), so a killed run resumes without recomputing or
     duplicating items; records written with other settings (or another ``model_id``, e.g.
     ``zoo.fingerprint``) are an error. Columns: key,
     question_id, dataset, modality, question_type, n_options, answer, label, pred, pred_letter,
     radius, p_lower, abstain, correct, base_pred (noise-free), counts_selection,
-    counts_estimation, seconds, and the settings.
+    counts_estimation, noise_drawn, seconds, and the settings.
     """
     from . import data
     from .prompts import LETTERS
@@ -124,6 +162,8 @@ def certify_items(vlm, items, *, sigma: float, n0: int, n: int, alpha: float, me
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if noise not in NOISE:
+        raise ValueError(f"noise must be one of {NOISE}, got {noise!r}")
     _check(None, sigma=sigma, n=n, alpha=alpha, batch_size=batch_size, n0=n0)
     items = list(items)
     ids = [it.question_id for it in items]
@@ -131,21 +171,25 @@ def certify_items(vlm, items, *, sigma: float, n0: int, n: int, alpha: float, me
         raise ValueError("certify_items: items have duplicate question_ids; records are keyed by them")
     settings = {"sigma": float(sigma), "n0": n0, "n": n, "alpha": float(alpha), "method": method,
                 "prompt": prompt, "image_size": image_size, "seed": seed,
-                "max_new_tokens": max_new_tokens if method == "generate" else None, "model": model_id}
+                "max_new_tokens": max_new_tokens if method == "generate" else None, "model": model_id,
+                "noise": noise if method == "logprob" else "pixel"}
     records = Records(records_path) if records_path is not None else None
     rows = records.load_run({k: settings[k] for k in _SETTINGS}) if records is not None else {}
     device = getattr(vlm, "device", "cpu")
     vlm.model.eval()
     todo = [it for it in items if it.question_id not in rows]
+    noise_drawn = "embedding" if _embedding_noise(vlm, method, settings["noise"]) else "pixel"
     for it in tqdm(todo, desc=desc or f"certify sigma={sigma}", leave=False):
         t0 = time.perf_counter()
         k = len(it.options)
         x = data.load_images([it], size=image_size)[0].to(device)
         classify = base_classifier(vlm, it, method=method, prompt=prompt, max_new_tokens=max_new_tokens)
+        sample = sampler(vlm, it, method=method, prompt=prompt, noise=settings["noise"],
+                         max_new_tokens=max_new_tokens, image_size=tuple(x.shape[-2:]))
         with torch.no_grad():
             base_pred = int(classify(x.unsqueeze(0))[0])
         c = certify_detail(classify, x, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
-                           num_classes=k + 1, generator=item_generator(seed, it.question_id, device))
+                           num_classes=k + 1, generator=item_generator(seed, it.question_id, device), sampler=sample)
         label = LETTERS.index(it.answer)
         row = {"key": it.question_id, "question_id": it.question_id, "dataset": it.dataset,
                "modality": it.modality, "question_type": it.question_type, "n_options": k,
@@ -155,6 +199,7 @@ def certify_items(vlm, items, *, sigma: float, n0: int, n: int, alpha: float, me
                "correct": c.prediction == label, "base_pred": base_pred,
                "counts_selection": c.counts_selection.tolist(),
                "counts_estimation": c.counts_estimation.tolist(),
+               "noise_drawn": noise_drawn,
                "seconds": time.perf_counter() - t0, **settings}
         if records is not None:
             records.append(row)

@@ -254,6 +254,7 @@ class Certify(Block):
     n_items_think: PosInt = 6
     batch_size: PosInt = 32
     fast_path: bool = True   # answer-only models: option-letter log-probs instead of generation
+    noise: Literal["embedding", "pixel"] = "embedding"  # fast path: draw the noise in the patch embedding (same law)
     max_new_tokens: PosInt = 96
 
 

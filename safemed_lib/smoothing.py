@@ -62,15 +62,24 @@ def certify(classify: Classifier, x: torch.Tensor, *, sigma: float, n0: int, n: 
     return c.prediction, c.radius
 
 
-def certify_detail(classify: Classifier, x: torch.Tensor, *, sigma: float, n0: int, n: int, alpha: float,
-                   batch_size: int, num_classes: int, generator: torch.Generator | None = None) -> Certificate:
-    """CERTIFY, returning the bound and the counts as well (for records and tables)."""
+def certify_detail(classify: Classifier | None, x: torch.Tensor, *, sigma: float, n0: int, n: int, alpha: float,
+                   batch_size: int, num_classes: int, generator: torch.Generator | None = None,
+                   sampler: Callable[..., np.ndarray] | None = None) -> Certificate:
+    """CERTIFY, returning the bound and the counts as well (for records and tables).
+
+    ``sampler(x, num, sigma=, batch_size=, num_classes=, generator=)`` replaces
+    ``sample_counts(classify, ...)`` when given: class counts of ``num`` i.i.d. draws of
+    f(x + N(0, sigma^2 I)), however they are computed (e.g. ``models.OptionScorer.counts`` draws the
+    noise where the model first meets it); the guarantee needs only that distribution."""
     _check(x, sigma=sigma, n=n, alpha=alpha, batch_size=batch_size, num_classes=num_classes, n0=n0)
-    counts_selection = sample_counts(classify, x, n0, sigma=sigma, batch_size=batch_size,
-                                     num_classes=num_classes, generator=generator)
+    if sampler is None:
+        if classify is None:
+            raise ValueError("certify_detail needs classify or sampler")
+        sampler = lambda x_, num, **kw: sample_counts(classify, x_, num, **kw)  # noqa: E731
+    kw = dict(sigma=sigma, batch_size=batch_size, num_classes=num_classes, generator=generator)
+    counts_selection = _counts(sampler(x, n0, **kw), n0, num_classes)
     c_a = int(counts_selection.argmax())
-    counts_estimation = sample_counts(classify, x, n, sigma=sigma, batch_size=batch_size,
-                                      num_classes=num_classes, generator=generator)
+    counts_estimation = _counts(sampler(x, n, **kw), n, num_classes)
     p_lower = lower_confidence_bound(int(counts_estimation[c_a]), n, alpha)
     if p_lower < 0.5:
         return Certificate(ABSTAIN, 0.0, p_lower, counts_selection, counts_estimation)
@@ -112,6 +121,14 @@ def sample_counts(classify: Classifier, x: torch.Tensor, num: int, *, sigma: flo
             ids = classify(batch + sigma * noise)
             counts += _count(ids, b, num_classes)
     return counts
+
+
+def _counts(counts, num: int, num_classes: int) -> np.ndarray:
+    counts = np.asarray(counts)
+    if counts.shape != (num_classes,) or counts.sum() != num or (counts < 0).any():
+        raise ValueError(f"the sampler must return {num_classes} non-negative class counts summing to {num}, "
+                         f"got {counts.tolist()}")
+    return counts.astype(np.int64)
 
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:

@@ -39,23 +39,23 @@ def _plan(cfg, name: str) -> dict:
 
 
 def measure_rate(cfg, name: str) -> float:
-    """Noisy samples per second of model ``name``'s base classifier: one timed batch of
-    ``certify.batch_size`` noisy copies of a test image (after an untimed warm-up batch)."""
+    """Noisy samples per second of model ``name``'s certification, noise included: one timed batch
+    of ``certify.batch_size`` samples of a test image (after an untimed warm-up), drawn as
+    ``certify_items`` draws them (``certify.noise``)."""
     import torch
 
     plan, c = _plan(cfg, name), cfg.certify
     _, test = dataset.splits(cfg)
     item = certify.pick_items(test, 1)[0]
     vlm = zoo.load(name, cfg)
-    classify = certify.base_classifier(vlm, item, method=plan["method"], prompt=plan["prompt"],
-                                       max_new_tokens=c.max_new_tokens)
-    x = data.load_images([item], size=cfg.data.image_size).to(vlm.device)
+    x = data.load_images([item], size=cfg.data.image_size)[0].to(vlm.device)
+    sampler = certify.sampler(vlm, item, method=plan["method"], prompt=plan["prompt"], noise=c.noise,
+                              max_new_tokens=c.max_new_tokens, image_size=cfg.data.image_size)
     gen = torch.Generator(device=x.device).manual_seed(cfg.seed)  # the global RNG stays untouched
-    noise = torch.randn((c.batch_size, *x.shape[1:]), device=x.device, generator=gen)
-    noisy = x.repeat(c.batch_size, 1, 1, 1) + c.sigmas[0] * noise
-    classify(noisy[:2])
+    kw = dict(sigma=c.sigmas[0], batch_size=c.batch_size, num_classes=len(item.options) + 1, generator=gen)
+    sampler(x, 2, **kw)
     t0 = time.perf_counter()
-    classify(noisy)
+    sampler(x, c.batch_size, **kw)
     return c.batch_size / (time.perf_counter() - t0)
 
 
@@ -107,7 +107,7 @@ def certify_model(cfg, name: str) -> pd.DataFrame:
     for sigma in c.sigmas:
         kw = dict(sigma=sigma, n0=c.n0, n=plan["n"], alpha=c.alpha, method=method, prompt=variant,
                   image_size=cfg.data.image_size, batch_size=c.batch_size, seed=cfg.seed,
-                  max_new_tokens=c.max_new_tokens, model_id=zoo.fingerprint(name, cfg),
+                  max_new_tokens=c.max_new_tokens, model_id=zoo.fingerprint(name, cfg), noise=c.noise,
                   desc=f"{name} sigma={sigma}")
         run_key = {"model": key, "items": runs.ids_digest(items), **{k: v for k, v in kw.items() if k != "desc"}}
         fresh = {}
