@@ -247,15 +247,17 @@ class Certify(Block):
     sigmas: list[PosFloat] = [0.12, 0.25, 0.5]   # noise std, pixels in [0, 1]
     radii: list[NonNeg] = [0.25, 0.5, 1.0]       # L2 radii of the table
     n0: PosInt = 16          # samples that select the class
-    n: PosInt = 100          # samples that bound its probability, answer-only models
-    n_think: PosInt = 100    # the same for think models (each sample is a generation)
+    n: PosInt = 1000         # samples that bound its probability, answer-only models (max radius 2.46 sigma)
+    n_think: PosInt = 100    # the same for think models (each sample is a generation; max radius 1.5 sigma)
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.001  # failure probability of each certificate
-    n_items: PosInt = 16     # test questions per answer-only model (balanced over modalities)
-    n_items_think: PosInt = 6
+    n_items: PosInt = 100    # test questions per answer-only model (balanced over modalities)
+    n_items_think: PosInt = 6  # think models: a generation per sample; the full size is configs/tiny_eval.yaml's
+    min_group_items: PosInt = 10  # per-modality rows and curves only for modalities with at least this many items
     batch_size: PosInt = 32
     fast_path: bool = True   # answer-only models: option-letter log-probs instead of generation
     noise: Literal["embedding", "pixel"] = "embedding"  # fast path: draw the noise in the patch embedding (same law)
     max_new_tokens: PosInt = 96
+    background: bool = True  # certify about half of the models in a second process (false on one GPU)
 
 
 # ----------------------------------------------------------------------------- Med-R2

@@ -283,3 +283,40 @@ def test_certify_cost_counts_samples_and_hours_at_a_measured_rate(over):
     assert table.loc["sft-nothink", "classifier"] == "logprob" and table.loc["atgrpo-think", "classifier"] == "generate"
     est = smoothing.estimate(cfg)  # rates measured for the certifiable models only (no AT-GRPO trained here)
     assert est.loc["sft-nothink", "samples/s"] > 0 and pd.isna(est.loc["atgrpo-think", "samples/s"])
+
+
+def test_smoothing_claim_is_the_fixed_criterion_on_a_large_enough_sample():
+    from safemed_lib.experiments import smoothing
+
+    cfg = config.load("smoke", {"certify.models": ["sft-nothink", "atgrpo-nothink", "sft-think"], "certify.n": 1000,
+                                "certify.n_think": 100})
+
+    def overall(rows):
+        return pd.DataFrame(rows, columns=["model", "sigma", "n", "cert_acc@0.25", "cert_acc@0.5"]).set_index(
+            ["model", "sigma"])
+    rows = [("sft-nothink", 0.25, 100, 62.0, 38.0), ("sft-nothink", 0.5, 100, 55.0, 41.0),  # best sigma per radius
+            ("atgrpo-nothink", 0.25, 100, 70.0, 20.0), ("sft-think", 0.25, 100, 99.0, 99.0)]  # think: n too small
+    c = smoothing.claim(cfg, overall(rows), pd.DataFrame({"x": range(4)}))
+    assert c["holds"] is True and c["ours"].startswith("sft-nothink: 62.0% certified at r = 0.25 (target 60%), "
+                                                       "41.0% certified at r = 0.5 (target 40%)")
+    rows[1] = ("sft-nothink", 0.5, 100, 55.0, 39.9)
+    assert smoothing.claim(cfg, overall(rows), pd.DataFrame())["holds"] is False
+    small = [(m, s, 99, a, b) for m, s, _, a, b in rows]                                  # 99 items: cannot tell
+    assert smoothing.claim(cfg, overall(small), pd.DataFrame())["holds"] is None
+
+
+def test_certification_runs_half_the_models_in_a_worker_and_reads_them_back(over, monkeypatch):
+    from safemed_lib import certify, evaluate
+    from safemed_lib.experiments import smoothing
+
+    cfg = config.load("smoke", {**over, "certify.models": ["sft-nothink", "grpo-nothink"], "certify.n_items": 2,
+                                "certify.n": 8, "certify.n0": 4, "certify.background": True})
+    zoo.ensure("grpo-nothink", cfg)
+    assert smoothing._samples(cfg, "sft-nothink") == smoothing._samples(cfg, "grpo-nothink")
+    computed, real = [], certify.certify_items
+    monkeypatch.setattr(certify, "certify_items", lambda vlm, *a, **kw: (
+        computed.append(kw["model_id"]) if not isinstance(vlm, evaluate._Recorded) else None) or real(vlm, *a, **kw))
+    certs, skipped = smoothing.run(cfg)
+    assert skipped == [] and sorted(certs["model"].unique()) == ["grpo-nothink", "sft-nothink"]
+    assert len(certs) == 2 * 2 and (certs["noise_drawn"] == "embedding").all()
+    assert computed == [zoo.fingerprint("sft-nothink", cfg)]   # the other model was certified by the worker

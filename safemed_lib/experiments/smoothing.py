@@ -123,18 +123,52 @@ def certify_model(cfg, name: str) -> pd.DataFrame:
 
 
 def run(cfg) -> tuple[pd.DataFrame, list[str]]:
-    """(every certification of ``certify.models``, the names skipped)."""
+    """(every certification of ``certify.models``, the names skipped). With ``certify.background`` the
+    models are split into two queues of about equal samples, one certified in a second process
+    (its records are cached, so this process then reads them back)."""
+    from ..workbook import background
+
     names, skipped = available(cfg, cfg.certify.models)
+    job, mine = None, names
+    if cfg.certify.background and len(names) > 1:
+        queues, load = ([], []), [0, 0]
+        for n in sorted(names, key=lambda n: -_samples(cfg, n)):
+            i = int(load[1] < load[0])
+            queues[i].append(n)
+            load[i] += _samples(cfg, n)
+        mine = [n for n in names if n in queues[0]]
+        job = background(_certify_in_worker, cfg.model_dump(), queues[1], threads=cfg.threads)
+    for n in mine:
+        certify_model(cfg, n)
+    if job is not None:
+        job.result()
     frames = [certify_model(cfg, n) for n in names]
     return pd.concat([f for f in frames if len(f)], ignore_index=True), skipped
 
 
+def _samples(cfg, name: str) -> int:
+    """Forward passes (fast path) or generations one model's certification takes, generations weighted 10x."""
+    plan = _plan(cfg, name)
+    return plan["items"] * (cfg.certify.n0 + plan["n"]) * (10 if plan["method"] == "generate" else 1)
+
+
+def _certify_in_worker(cfg_dump: dict, names: list[str]) -> None:
+    from ..config import Config
+
+    cfg = Config.model_validate(cfg_dump)
+    for n in names:
+        certify_model(cfg, n)
+
+
 def summary(cfg, certs: pd.DataFrame) -> pd.DataFrame:
     """Per model, sigma and modality (plus "All"): certified accuracy (%) at the profile's radii,
-    the smoothed classifier's clean accuracy, abstentions and the base classifier's accuracy."""
-    return pd.concat({(m, s): sm.certified_summary(g, radii=cfg.certify.radii, by="modality")
-                      for (m, s), g in certs.groupby(["model", "sigma"], sort=False)},
-                     names=["model", "sigma"]).round(1)
+    the smoothed classifier's clean accuracy, abstentions and the base classifier's accuracy.
+    Modalities with fewer than ``certify.min_group_items`` items get no row."""
+    out = pd.concat({(m, s): sm.certified_summary(g, radii=cfg.certify.radii, by="modality")
+                     for (m, s), g in certs.groupby(["model", "sigma"], sort=False)},
+                    names=["model", "sigma"]).round(1)
+    keep = (out.index.get_level_values("modality") == "All") | (out["n"] >= cfg.certify.min_group_items)
+    return out[keep]
 
 
 def curves(cfg, certs: pd.DataFrame) -> pd.DataFrame:
@@ -163,10 +197,19 @@ def curves_figure(cfg, curves: pd.DataFrame):
 
 
 def modality_figure(cfg, curves: pd.DataFrame):
-    """Certified accuracy against the radius per modality."""
+    """Certified accuracy against the radius per modality (those with ``certify.min_group_items`` items)."""
     import seaborn as sns
 
-    g = sns.relplot(data=curves[curves["modality"] != "All"], x="radius", y="certified_accuracy", hue="model",
+    sub = curves[(curves["modality"] != "All") & (curves["n"] >= cfg.certify.min_group_items)]
+    if sub.empty:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no modality has {cfg.certify.min_group_items} certified items (certify.min_group_items)",
+                ha="center", va="center")
+        return fig
+    g = sns.relplot(data=sub, x="radius", y="certified_accuracy", hue="model",
                     style="sigma", col="modality", col_wrap=4, kind="line", drawstyle="steps-post", height=2.4,
                     aspect=1.2)
     g.set(ylim=(0, 1))
@@ -174,17 +217,32 @@ def modality_figure(cfg, curves: pd.DataFrame):
     return g.figure
 
 
+# The criterion of the smoothing claim, fixed before the runs (issue #35): Cohen et al.'s noise-trained
+# CIFAR-10 ResNet-110 certifies 60% at r = 0.25 (sigma 0.25) and 42% at 0.5 (sigma 0.5).
+CLAIM_TARGETS = {0.25: 60.0, 0.5: 40.0}   # L2 radius -> certified accuracy (%) the best model must reach
+CLAIM_MIN_ITEMS, CLAIM_MIN_N = 100, 1000  # the sample a verdict needs (fewer: cannot tell)
+
+
 def claim(cfg, overall: pd.DataFrame, certs: pd.DataFrame) -> dict:
-    """The smoothing claim: some radius is certified for a right answer; the best model at r = 0.25."""
+    """The smoothing claim: some model's certified accuracy (best sigma per radius) reaches every one of
+    ``CLAIM_TARGETS``, on at least ``CLAIM_MIN_ITEMS`` items certified with n >= ``CLAIM_MIN_N`` (None:
+    no model certified on such a sample). ``ours`` names the model nearest to, or furthest past, them."""
     c = cfg.certify
-    best = overall.reset_index().sort_values("cert_acc@0.25", ascending=False).iloc[0]
-    ours = (f"best certified accuracy at L2 radius 0.25: {best['cert_acc@0.25']:.1f}% ({best['model']}, "
-            f"sigma={best['sigma']}); smoothed clean accuracy {best['smoothed_clean_acc']:.1f}%, "
-            f"abstain {best['abstain']:.1f}%; n0={c.n0}, n={c.n}, alpha={c.alpha}")
+    t = overall.reset_index()
+    t = t[(t["n"] >= CLAIM_MIN_ITEMS) & t["model"].map(lambda m: _plan(cfg, m)["n"] >= CLAIM_MIN_N)]
+    if t.empty:
+        return dict(claim_id="safemed.smoothing_certifies", holds=None,
+                    ours=f"no model certified on {CLAIM_MIN_ITEMS} items with n >= {CLAIM_MIN_N} on this profile",
+                    detail=f"{len(certs)} certifications; n0={c.n0}, n={c.n}")
+    best = {m: {r: g[f"cert_acc@{r:g}"].max() for r in CLAIM_TARGETS} for m, g in t.groupby("model")}
+    margin = {m: min(b[r] - v for r, v in CLAIM_TARGETS.items()) for m, b in best.items()}
+    name = max(margin, key=margin.get)  # the model nearest to (or furthest past) every target
+    ours = (f"{name}: " + ", ".join(f"{best[name][r]:.1f}% certified at r = {r:g} (target {v:.0f}%)"
+                                   for r, v in CLAIM_TARGETS.items())
+            + f"; {int(t['n'].max())} items, n0={c.n0}, n={c.n}, alpha={c.alpha}, best sigma per radius")
     return dict(claim_id="safemed.smoothing_certifies", ours=ours,
-                holds=bool((certs["correct"] & (certs["radius"] > 0)).any()),
-                detail=f"{len(certs)} certifications; models {sorted(certs['model'].unique())}; "
-                       f"reference n=100,000 not run on this profile")
+                holds=bool(margin[name] >= 0),
+                detail="; ".join(f"{m}: " + ", ".join(f"{v:.1f}@{r:g}" for r, v in b.items()) for m, b in best.items()))
 
 
 def seconds(certs: pd.DataFrame, t0: float) -> str:
