@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .paths import PROJECT_ROOT, resolve
 from .yamlconf import ConfigError, keys, load_file, parse_overrides  # noqa: F401  (re-exported)
@@ -92,7 +92,12 @@ class SFTRecipe(Block):
     weight_decay: NonNeg = 0.0       # AdamW weight decay
     train_vision: bool = True        # train the vision tower too (False: it stays as pretraining left it)
     binding: Binding | None = None   # auxiliary terms (answer-only only); None: none; true: the defaults
+    noise_sigma: NonNeg = 0.0        # std of Gaussian noise added to every training image, pixels in [0, 1] (0: none)
     threads: PosInt | None = None    # torch threads while training (None: the profile's); not part of the cache key
+
+    def key(self) -> dict:
+        """The fields that identify a run: ``threads`` aside, ``noise_sigma`` only when set."""
+        return self.model_dump(exclude={"threads"} | (set() if self.noise_sigma else {"noise_sigma"}))
 
     @field_validator("binding", mode="before")
     @classmethod
@@ -240,10 +245,33 @@ class MedR1(Block):
 
 
 # ----------------------------------------------------------------------------- certification
+class NoiseSFT(SFTRecipe):
+    """Gaussian-noise fine-tuning from SFT (Cohen et al.'s base classifier training): ``sftnoise-<mode>``."""
+
+    steps: PosInt = 1000
+    lr: PosFloat = 3e-4
+    noise_sigma: NonNeg = 0.25
+    train_vision: bool = True
+
+    def recipe(self) -> SFTRecipe:
+        return SFTRecipe(**self.model_dump())
+
+
+class SmoothAttack(Block):
+    """SmoothAdv (Salman et al. 2019) on the smoothed answer-only models: soundness of the certificates seen."""
+
+    items: Count = 50        # the first certified questions attacked per model (0: none)
+    sigma: PosFloat = 0.25   # the noise level attacked (one of certify.sigmas)
+    radii: list[PosFloat] = [0.25, 0.5]  # L2 radii of the attack, pixels in [0, 1]
+    steps: PosInt = 10       # PGD steps
+    m: PosInt = 8            # noise draws averaged per step
+    n: PosInt = 100          # PREDICT's samples at the attacked image (alpha = certify.alpha)
+
+
 class Certify(Block):
     """Randomized smoothing (Cohen et al.'s CERTIFY) of the VLM's answer (notebook 06)."""
 
-    models: list[str] = ["sft-nothink", "sft-think", "atgrpo-nothink", "atgrpo-think"]
+    models: list[str] = ["sft-nothink", "sftnoise-nothink", "sft-think", "atgrpo-nothink", "atgrpo-think"]
     sigmas: list[PosFloat] = [0.12, 0.25, 0.5]   # noise std, pixels in [0, 1]
     radii: list[NonNeg] = [0.25, 0.5, 1.0]       # L2 radii of the table
     n0: PosInt = 16          # samples that select the class
@@ -258,6 +286,15 @@ class Certify(Block):
     noise: Literal["embedding", "pixel"] = "embedding"  # fast path: draw the noise in the patch embedding (same law)
     max_new_tokens: PosInt = 96
     background: bool = True  # certify about half of the models in a second process (false on one GPU)
+    attack: SmoothAttack = SmoothAttack()
+    noise_sft: NoiseSFT = NoiseSFT()   # the sftnoise-<mode> models (binding: as the SFT model of the mode, below)
+
+    @model_validator(mode="after")
+    def _attack_sigma_is_certified(self):
+        if self.attack.items and self.attack.sigma not in self.sigmas:
+            raise ValueError(f"certify.attack.sigma={self.attack.sigma} is not one of certify.sigmas={self.sigmas}: "
+                             f"the attack reads that sigma's certificates (or set certify.attack.items: 0)")
+        return self
 
 
 # ----------------------------------------------------------------------------- Med-R2

@@ -118,6 +118,8 @@ def run_settings(variant: str, train_items: Sequence[data.VQAItem], recipe, *, i
            "target_format": TARGET_FORMAT, "train_ids_sha1": hashlib.sha1(ids.encode()).hexdigest(),
            "train_vision": bool(recipe.train_vision), "weight_decay": float(recipe.weight_decay),
            "binding_aux": aux, "adversarial": adversarial_settings(adversarial), "tag": tag}
+    if recipe.noise_sigma:
+        out["noise_sigma"] = float(recipe.noise_sigma)
     return out
 
 
@@ -310,6 +312,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
     option order, seeded by (seed, step).
     ``adversarial`` (``adversarial_settings``): adversarial training (Madry et al.), each batch's
     first ``fraction`` of images replaced by PGD images against the current weights.
+    ``recipe.noise_sigma``: Gaussian noise on every image (after the attack, if any), not clamped, as
+    randomized smoothing draws it (Cohen et al.'s training of the base classifier).
 
     The run lives in ``out_dir``: ``train_log.csv`` every ``log_every`` steps (and ``binding_log.csv``),
     ``ckpt-<step>`` every ``save_every`` steps and at the end (model + optimizer, scheduler and RNG
@@ -346,7 +350,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
     optimizer, scheduler = _optimizer(params, recipe, state)
     logs = _Logs(out_dir, step, log_every, heads is not None)
     # A fixed vision tower gives every image the same embeddings at every step: compute each once.
-    embed_cache = {} if not recipe.train_vision and adv is None else None
+    embed_cache = {} if not recipe.train_vision and adv is None and not recipe.noise_sigma else None
     vlm.model.train()
     while step < recipe.steps:
         t0 = time.perf_counter()
@@ -359,6 +363,10 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
                 gen = torch.Generator(device=vlm.device).manual_seed(seed * 1_000_003 + step)
                 images = adversarial_images(vlm, images, batch, targets, prompt=variant, adversarial=adv,
                                             generator=gen)
+            if recipe.noise_sigma:  # Cohen et al.: the base classifier learns under the noise it is smoothed with
+                images = images.to(vlm.device)
+                gen = torch.Generator(device=vlm.device).manual_seed(seed * 1_000_033 + step)
+                images = images + recipe.noise_sigma * torch.randn(images.shape, generator=gen, device=vlm.device)
             extras = {} if heads is not None else None
             loss = vlm.sequence_nll(images, batch, targets, prompt=variant, extras=extras).mean()
             total, parts = loss, None

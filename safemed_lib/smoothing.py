@@ -86,16 +86,29 @@ def certify_detail(classify: Classifier | None, x: torch.Tensor, *, sigma: float
     return Certificate(c_a, float(sigma * norm.ppf(p_lower)), p_lower, counts_selection, counts_estimation)
 
 
-def predict(classify: Classifier, x: torch.Tensor, *, sigma: float, n: int, alpha: float,
-            batch_size: int, num_classes: int, generator: torch.Generator | None = None) -> int:
+def predict(classify: Classifier | None, x: torch.Tensor, *, sigma: float, n: int, alpha: float,
+            batch_size: int, num_classes: int, generator: torch.Generator | None = None,
+            sampler: Callable[..., np.ndarray] | None = None) -> int:
     """Cohen et al.'s PREDICT: g(x), or ABSTAIN.
 
     With probability at least 1 - alpha the returned class (when not ABSTAIN) equals g(x). The
     top two counts go through a two-sided binomial test (p = 1/2); abstain if its p-value > alpha.
+    ``sampler``: as in ``certify_detail``.
     """
     _check(x, sigma=sigma, n=n, alpha=alpha, batch_size=batch_size, num_classes=num_classes)
-    counts = sample_counts(classify, x, n, sigma=sigma, batch_size=batch_size,
-                           num_classes=num_classes, generator=generator)
+    if sampler is None:
+        if classify is None:
+            raise ValueError("predict needs classify or sampler")
+        sampler = lambda x_, num, **kw: sample_counts(classify, x_, num, **kw)  # noqa: E731
+    counts = _counts(sampler(x, n, sigma=sigma, batch_size=batch_size, num_classes=num_classes, generator=generator),
+                     n, num_classes)
+    return predict_from_counts(counts, alpha)
+
+
+def predict_from_counts(counts: np.ndarray, alpha: float) -> int:
+    """PREDICT's decision from the class counts of n noisy samples: the top class, or ABSTAIN when a
+    two-sided binomial test of the top two counts (p = 1/2) has a p-value above alpha."""
+    counts = np.asarray(counts)
     top2 = np.argsort(-counts, kind="stable")[:2]
     count1, count2 = int(counts[top2[0]]), int(counts[top2[1]])
     if binomtest(count1, count1 + count2, p=0.5).pvalue > alpha:
@@ -180,6 +193,36 @@ def _check(x, *, sigma, n, alpha, batch_size=1, num_classes=2, n0=1) -> None:
     if x is not None and (not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point()):
         raise ValueError("x must be one float image of shape (C, H, W) in [0, 1], got "
                          f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+
+
+# ----------------------------------------------------------------------------- attacking the smoothed classifier
+
+def smooth_adv(log_probs: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, label: int, *, sigma: float,
+               radius: float, steps: int = 10, m: int = 8, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Salman et al.'s (2019) SmoothAdv PGD against the smoothed classifier: an image within L2 ``radius``
+    of x (clamped to [0, 1]) that raises -log of the noise-averaged probability of ``label``.
+
+    ``log_probs(batch) -> (B, classes)`` is the base classifier's differentiable log-probabilities.
+    Each step averages softmax probabilities over ``m`` fresh Gaussian draws (sigma), takes a
+    normalized L2 gradient step of 2.5 radius / steps and projects back onto the ball. A certificate
+    of radius >= ``radius`` says the smoothed prediction cannot change on that ball, so what this
+    attack finds is a check of soundness (and of the sampling), not a way around it.
+    """
+    if not (radius > 0 and steps >= 1 and m >= 1):
+        raise ValueError(f"smooth_adv needs radius > 0, steps >= 1, m >= 1; got {radius}, {steps}, {m}")
+    step = 2.5 * radius / steps
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        noise = torch.randn((m, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+        lp = log_probs((x + delta).unsqueeze(0) + sigma * noise)[:, label]
+        loss = -(torch.logsumexp(lp, 0) - math.log(m))      # -log mean_i p_label(x + delta + noise_i)
+        grad, = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta = delta + step * grad / grad.norm().clamp_min(1e-12)
+            delta = delta * (radius / delta.norm()).clamp(max=1.0)
+            delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
 
 
 # ----------------------------------------------------------------------------- certified accuracy

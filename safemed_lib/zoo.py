@@ -105,7 +105,7 @@ def _sft_run(items, recipe, *, variant, image_size, seed, adversarial=None, log_
 def _sft_key(kind, items, recipe, *, variant, image_size, seed, **extra) -> dict:
     from .targets import TARGET_FORMAT
 
-    return {"kind": kind, "variant": variant, "recipe": recipe.model_dump(exclude={"threads"}),
+    return {"kind": kind, "variant": variant, "recipe": recipe.key(),
             "train": runs.ids_digest(items), "n_train": len(items), "image_size": image_size, "seed": seed,
             "target_format": TARGET_FORMAT, **extra}
 
@@ -128,6 +128,15 @@ def _sftat(cfg, variant: str) -> Spec:
     kw = dict(variant=variant, image_size=cfg.data.image_size, seed=cfg.seed)
     return Spec(f"sftat-{variant}", _sft_key("at-sft", train, recipe, adversarial=adv, **kw), f"sft-{variant}",
                 _sft_run(train, recipe, adversarial=adv, **kw))
+
+
+def _sftnoise(cfg, variant: str) -> Spec:
+    """SFT-<variant> fine-tuned under Gaussian noise (``certify.noise_sft``), with the SFT model's binding terms."""
+    train, _ = dataset.splits(cfg)
+    recipe = cfg.certify.noise_sft.recipe().model_copy(update={"binding": getattr(cfg.sft, variant).binding})
+    kw = dict(variant=variant, image_size=cfg.data.image_size, seed=cfg.seed)
+    return Spec(f"sftnoise-{variant}", _sft_key("noise-sft", train, recipe, **kw), f"sft-{variant}",
+                _sft_run(train, recipe, **kw))
 
 
 def _grpo_run(items, recipe, *, mode, image_size, seed, adversarial=None, save_steps=None):
@@ -214,6 +223,7 @@ _FIXED = {"base": _base, "medr1-warmup": _medr1_warmup}
 _PATTERNS = (
     (re.compile(r"sft-(think|nothink)"), _sft),
     (re.compile(r"sftat-(think|nothink)"), _sftat),
+    (re.compile(r"sftnoise-(think|nothink)"), _sftnoise),
     (re.compile(r"grpo-(think|nothink)"), partial(_grpo, adversarial=False)),
     (re.compile(r"atgrpo-(think|nothink)"), partial(_grpo, adversarial=True)),
     (re.compile(r"r2-(stepwise|plain)"), _r2),
@@ -235,7 +245,7 @@ def spec(name: str, cfg) -> Spec:
 
 def names(cfg) -> list[str]:
     """Every name the zoo knows on this profile (Med-R1's cells spelled out)."""
-    out = ["base"] + [f"{k}-{m}" for k in ("sft", "sftat", "grpo", "atgrpo") for m in MODES]
+    out = ["base"] + [f"{k}-{m}" for k in ("sft", "sftat", "sftnoise", "grpo", "atgrpo") for m in MODES]
     out += ["r2-stepwise", "r2-plain", "medr1-warmup"]
     for by in cfg.medr1.by:
         groups = (data.MODALITIES if by == "modality" else data.QUESTION_TYPES)

@@ -43,7 +43,7 @@ def _start(cfg, mode: str, fit: list, out: Path):
         vlm.save(run_dir / "model")
         return {"model": "model"}
 
-    key = {"fit": runs.ids_digest(fit), "base": zoo.key("base", cfg), "recipe": recipe.model_dump(), "mode": mode,
+    key = {"fit": runs.ids_digest(fit), "base": zoo.key("base", cfg), "recipe": recipe.model_dump(exclude=set() if recipe.noise_sigma else {"noise_sigma"}), "mode": mode,
            "seed": cfg.seed, "image_size": cfg.data.image_size}
     runs.cached(out / f"sft-{mode}-s{cfg.seed}", key, train)
     return out / f"sft-{mode}-s{cfg.seed}" / "model"

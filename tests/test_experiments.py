@@ -310,7 +310,8 @@ def test_certification_runs_half_the_models_in_a_worker_and_reads_them_back(over
     from safemed_lib.experiments import smoothing
 
     cfg = config.load("smoke", {**over, "certify.models": ["sft-nothink", "grpo-nothink"], "certify.n_items": 2,
-                                "certify.n": 8, "certify.n0": 4, "certify.background": True})
+                                "certify.n": 8, "certify.n0": 4, "certify.background": True,
+                                "certify.attack": {"items": 2, "steps": 2, "m": 2, "n": 8, "radii": [0.25, 0.5]}})
     zoo.ensure("grpo-nothink", cfg)
     assert smoothing._samples(cfg, "sft-nothink") == smoothing._samples(cfg, "grpo-nothink")
     computed, real = [], certify.certify_items
@@ -320,3 +321,26 @@ def test_certification_runs_half_the_models_in_a_worker_and_reads_them_back(over
     assert skipped == [] and sorted(certs["model"].unique()) == ["grpo-nothink", "sft-nothink"]
     assert len(certs) == 2 * 2 and (certs["noise_drawn"] == "embedding").all()
     assert computed == [zoo.fingerprint("sft-nothink", cfg)]   # the other model was certified by the worker
+    monkeypatch.setattr(zoo, "load", _no_model)                  # ... and attacked there: read back
+    attacked = smoothing.attacks(cfg, certs)
+    assert sorted(attacked["model"].unique()) == ["grpo-nothink", "sft-nothink"] and len(attacked) == 2 * 2 * 2
+    assert (attacked["l2"] <= attacked["radius"] + 1e-6).all()
+    table = smoothing.soundness_table(attacked)
+    assert table["n"].tolist() == [2] * 4 and (table["violations"] == 0).all()
+
+
+def test_stages_table_pairs_each_model_with_sft_of_its_form_on_certified_hits():
+    from safemed_lib.experiments import smoothing
+
+    def rows(model, radii, correct):
+        return pd.DataFrame({"model": model, "sigma": 0.25, "question_id": [f"q{i}" for i in range(len(radii))],
+                             "radius": radii, "correct": correct})
+    certs = pd.concat([rows("sft-nothink", [0.3, 0.3, 0.1, 0.6, 0.0, 0.6], [True, True, True, True, False, True]),
+                       rows("sftnoise-nothink", [0.6, 0.6, 0.6, 0.6, 0.6, 0.0], [True, True, True, True, True, False]),
+                       rows("sft-think", [0.3] * 6, [True] * 6)])
+    t = smoothing.stages_table(config.load("smoke", {}), certs)
+    assert t[["model", "against", "radius"]].values.tolist() == [["sftnoise-nothink", "sft-nothink", 0.25],
+                                                                 ["sftnoise-nothink", "sft-nothink", 0.5]]
+    at25, at50 = t.iloc[0], t.iloc[1]
+    assert (at25["cert_acc_against"], at25["cert_acc"]) == (66.7, 83.3)   # q2 (radius 0.1) and q4 (wrong) vs q5
+    assert (at50["cert_acc_against"], at50["cert_acc"], at50["diff"]) == (33.3, 83.3, 50.0)

@@ -499,3 +499,23 @@ def test_vision_pretraining_gets_its_own_generated_images(items, tmp_path):
     assert not own & {Path(it.image_path).read_bytes() for it in extra}
     # without vision steps (e.g. real OmniMedVQA) there is no such set
     assert "pretrain_images" not in base.plan(items, config.TinyBase(vision_steps=0), image_size=SIZE, seed=0)
+
+
+def test_noise_training_adds_the_recipes_gaussian_noise_to_every_image_and_is_part_of_the_run(items, base_dir,
+                                                                                             tmp_path, monkeypatch):
+    seen, real = [], models.VLM.sequence_nll
+    monkeypatch.setattr(models.VLM, "sequence_nll", lambda self, images, *a, **kw: (
+        seen.append(images.detach().clone() if isinstance(images, torch.Tensor) else None) or real(self, images, *a, **kw)))
+    recipe = SFTRecipe(steps=2, lr=2e-3, batch_size=4, train_vision=False, noise_sigma=0.5)
+    kw = dict(variant="think", image_size=SIZE, log_every=1, save_every=2)
+    noisy = sft.train_sft(models.load_vlm(base_dir), items, recipe, out_dir=tmp_path / "n", **kw)
+    batch, _, _ = sft._batch(items, sft._scenes(items, "think", None), "think", 4, 0, 0)
+    delta = seen[0] - data.load_images(batch, size=SIZE)   # every image of the first step, not clamped
+    assert delta.std().item() == pytest.approx(0.5, rel=0.05) and (seen[0] < 0).any() and (seen[0] > 1).any()
+    assert sft.read_run(tmp_path / "n")["noise_sigma"] == 0.5
+    plain_recipe = recipe.model_copy(update={"noise_sigma": 0.0})
+    plain = sft.train_sft(models.load_vlm(base_dir), items, plain_recipe, out_dir=tmp_path / "p", **kw)
+    assert "noise_sigma" not in sft.read_run(tmp_path / "p")           # runs without noise keep their settings
+    assert "noise_sigma" not in plain_recipe.key() and recipe.key()["noise_sigma"] == 0.5
+    a, b = _weights(noisy), _weights(plain)
+    assert any(not torch.equal(a[k], b[k]) for k in a)

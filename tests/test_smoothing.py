@@ -424,3 +424,33 @@ def test_model_digest_tracks_weights_and_records_reject_another_model(tmp_path):
     ce.certify_items(BrightnessVLM(), items, model_id="aaa", **kw)
     with pytest.raises(ValueError, match="model='aaa' but this run has model='bbb'"):
         ce.certify_items(BrightnessVLM(), items, model_id="bbb", **kw)
+
+
+def test_smooth_adv_walks_to_the_plane_and_never_beats_a_certificate():
+    """SmoothAdv on a soft linear classifier: the best L2 move is straight at the hyperplane, so the attacked
+    point lies radius closer to it (in the ball, in [0,1]); points certified beyond the radius keep PREDICT's class."""
+    from safemed_lib.smoothing import smooth_adv
+
+    sigma, r = 0.25, 0.1
+    w, b, classify, dist = linear_problem(2)
+
+    def log_probs(batch):
+        z = 8.0 * (batch.flatten(1) @ w + b) / w.norm()
+        return torch.log_softmax(torch.stack([torch.zeros_like(z), z], 1), 1)
+
+    checked = 0
+    for i, d in enumerate((0.05, 0.2, 0.35, -0.2)):
+        x = point_at(w, b, d, 500 + i)
+        label = int(d > 0)
+        x_adv = smooth_adv(log_probs, x, label, sigma=sigma, radius=r, steps=20, m=16, generator=gen(i))
+        assert float((x_adv - x).norm()) <= r + 1e-9 and 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
+        assert dist(x_adv) * (1 if d > 0 else -1) == pytest.approx(abs(d) - r, abs=0.01)  # may cross it
+        cls, radius = certify(classify, x, sigma=sigma, n0=32, n=400, alpha=0.001, batch_size=128, num_classes=2,
+                              generator=gen(50 + i))
+        if cls == label and radius >= r:
+            checked += 1
+            assert predict(classify, x_adv, sigma=sigma, n=400, alpha=0.001, batch_size=128, num_classes=2,
+                           generator=gen(90 + i)) in (label, ABSTAIN)
+    assert checked >= 2
+    with pytest.raises(ValueError, match="radius > 0"):
+        smooth_adv(log_probs, x, 1, sigma=sigma, radius=0.0)

@@ -3,6 +3,7 @@
     smoothing.estimate(cfg)             # samples and hours per model at a measured rate, before running
     certs = smoothing.run(cfg)          # one row per (model, sigma, question)
     smoothing.summary(cfg, certs)       # certified accuracy (%) at the profile's radii
+    smoothing.soundness_table(smoothing.attacks(cfg, certs))  # SmoothAdv against the certificates
 """
 from __future__ import annotations
 
@@ -82,9 +83,9 @@ def estimate(cfg) -> pd.DataFrame:
 
 
 def available(cfg, names) -> tuple[list[str], list[str]]:
-    """(models to certify, models skipped): SFT models train if missing; other names are certified
-    only when the zoo already has them (e.g. after notebook 05)."""
-    keep = [n for n in names if n.startswith("sft-") or zoo.is_trained(n, cfg)]
+    """(models to certify, models skipped): SFT and noise-trained SFT models train if missing; other
+    names are certified only when the zoo already has them (e.g. after notebook 05)."""
+    keep = [n for n in names if n.startswith(("sft-", "sftnoise-")) or zoo.is_trained(n, cfg)]
     return keep, [n for n in names if n not in keep]
 
 
@@ -122,10 +123,96 @@ def certify_model(cfg, name: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def attack_model(cfg, name: str, certs: pd.DataFrame) -> pd.DataFrame:
+    """SmoothAdv (``smoothing.smooth_adv``) at each ``certify.attack.radii`` on the first ``attack.items``
+    questions of model ``name``'s certification at ``attack.sigma``, then PREDICT at the attacked image
+    (noise as in CERTIFY). One row per (question, radius): ``certified`` (right with radius >= r),
+    ``pred_adv``, ``correct_adv``, ``abstain_adv``, ``violation`` (certified, and PREDICT gives another
+    class), ``top_adv_right`` (the most frequent class of PREDICT's samples is right). Answer-only models on the fast path only (the attack needs gradients); cached in the model's
+    run directory."""
+    import torch
+
+    from ..models import option_scorer
+
+    a, c = cfg.certify.attack, cfg.certify
+    plan = _plan(cfg, name)
+    mine = certs[(certs["model"] == name) & (certs["sigma"] == a.sigma)].head(a.items)
+    if plan["method"] != "logprob" or mine.empty or not a.items:
+        return pd.DataFrame()
+    _, test = dataset.splits(cfg)
+    by_id = {it.question_id: it for it in test}
+    key = {"model": zoo.key(name, cfg), "attack": a.model_dump(), "alpha": c.alpha, "noise": c.noise, "seed": cfg.seed,
+           "items": runs.ids_digest([by_id[q] for q in mine["question_id"]])}
+
+    def run_(d):
+        vlm = zoo.load(name, cfg)
+        if not option_scorer.supported(vlm):
+            return []
+        rows = []
+        for row in mine.itertuples():
+            it = by_id[row.question_id]
+            x = data.load_images([it], size=cfg.data.image_size)[0].to(vlm.device)
+            scorer = option_scorer.OptionScorer(vlm, it, plan["prompt"], tuple(x.shape[-2:]))
+            sample = certify.sampler(vlm, it, method="logprob", prompt=plan["prompt"], noise=c.noise,
+                                     image_size=tuple(x.shape[-2:]))
+            for r in a.radii:
+                gen = certify.item_generator(cfg.seed + 1, f"{it.question_id}/{r}", x.device)
+                x_adv = sm.smooth_adv(scorer.logprobs, x, int(row.label), sigma=a.sigma, radius=r, steps=a.steps,
+                                      m=a.m, generator=gen)
+                counts = sample(x_adv, a.n, sigma=a.sigma, batch_size=c.batch_size,
+                                num_classes=len(it.options) + 1, generator=gen)
+                pred, top = sm.predict_from_counts(counts, c.alpha), int(counts.argmax())
+                certified = bool(row.correct and row.radius >= r)
+                rows.append({"question_id": it.question_id, "radius": r, "l2": float((x_adv - x).norm()),
+                             "certified": certified, "pred_adv": pred, "correct_adv": pred == int(row.label),
+                             "top_adv_right": top == int(row.label), "abstain_adv": pred == sm.ABSTAIN,
+                             "counts_adv": counts.tolist(),
+                             "violation": certified and pred not in (int(row.label), sm.ABSTAIN)})
+        return rows
+
+    rows = runs.cached(zoo.run_dir(name, cfg) / f"eval-smoothadv-sigma{a.sigma}", key, run_)
+    return pd.DataFrame(rows).assign(model=name, sigma=a.sigma)
+
+
+def stages_table(cfg, certs: pd.DataFrame) -> pd.DataFrame:
+    """SafeMed-R1's two stages together: each model's certified accuracy at the claim's radii (each
+    sigma), paired against SFT + smoothing of the same prompt form on the same questions (exact McNemar
+    on "right with a certified radius >= r")."""
+    rows = []
+    for (name, sigma), g in certs.groupby(["model", "sigma"], sort=False):
+        ref_name = "sft-" + name.rsplit("-", 1)[1]
+        ref = certs[(certs["model"] == ref_name) & (certs["sigma"] == sigma)]
+        if name == ref_name or ref.empty:
+            continue
+        for r in CLAIM_TARGETS:
+            def hit(df):
+                return df.assign(correct=df["correct"].astype(bool) & (df["radius"] >= r))[["question_id", "correct"]]
+            t = evaluate.paired_test(hit(ref), hit(g))
+            rows.append({"model": name, "against": ref_name, "sigma": sigma, "radius": r, "n": t["n"],
+                         "cert_acc": t["acc_b"], "cert_acc_against": t["acc_a"], "diff": t["diff"],
+                         "p_value": t["p_value"]})
+    return pd.DataFrame(rows).round({"cert_acc": 1, "cert_acc_against": 1, "diff": 1, "p_value": 4})
+
+
+def soundness_table(attacked: pd.DataFrame) -> pd.DataFrame:
+    """Per model and radius, in %: certified accuracy and the smoothed model's accuracy under SmoothAdv on
+    the same questions (PREDICT, abstentions wrong; and the top class of its n samples), and the certified
+    questions SmoothAdv moved to another class (count; each certificate may fail with probability alpha)."""
+    if attacked.empty:
+        return pd.DataFrame()
+    g = attacked.groupby(["model", "sigma", "radius"], sort=False)
+    return pd.DataFrame({"n": g.size(), "certified_acc": 100 * g["certified"].mean(),
+                         "acc_under_smoothadv": 100 * g["correct_adv"].mean(),
+                         "top_class_right": 100 * g["top_adv_right"].mean(),
+                         "abstain_under_smoothadv": 100 * g["abstain_adv"].mean(),
+                         "violations": g["violation"].sum()}).round(1)
+
+
 def run(cfg) -> tuple[pd.DataFrame, list[str]]:
-    """(every certification of ``certify.models``, the names skipped). With ``certify.background`` the
-    models are split into two queues of about equal samples, one certified in a second process
-    (its records are cached, so this process then reads them back)."""
+    """(every certification of ``certify.models``, the names skipped); each model is attacked too
+    (``attack_model``; read back with ``attacks``). With ``certify.background`` the models are split
+    into two queues of about equal samples, one done in a second process (its records are cached,
+    so this process then reads them back)."""
     from ..workbook import background
 
     names, skipped = available(cfg, cfg.certify.models)
@@ -139,11 +226,24 @@ def run(cfg) -> tuple[pd.DataFrame, list[str]]:
         mine = [n for n in names if n in queues[0]]
         job = background(_certify_in_worker, cfg.model_dump(), queues[1], threads=cfg.threads)
     for n in mine:
-        certify_model(cfg, n)
+        _certify_and_attack(cfg, n)
     if job is not None:
         job.result()
     frames = [certify_model(cfg, n) for n in names]
     return pd.concat([f for f in frames if len(f)], ignore_index=True), skipped
+
+
+def attacks(cfg, certs: pd.DataFrame) -> pd.DataFrame:
+    """``attack_model`` for every certified model (read back from the cache after ``run``)."""
+    frames = [attack_model(cfg, n, certs) for n in certs["model"].unique()]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _certify_and_attack(cfg, name: str) -> None:
+    certs = certify_model(cfg, name)
+    if len(certs):
+        attack_model(cfg, name, certs)
 
 
 def _samples(cfg, name: str) -> int:
@@ -157,7 +257,7 @@ def _certify_in_worker(cfg_dump: dict, names: list[str]) -> None:
 
     cfg = Config.model_validate(cfg_dump)
     for n in names:
-        certify_model(cfg, n)
+        _certify_and_attack(cfg, n)
 
 
 def summary(cfg, certs: pd.DataFrame) -> pd.DataFrame:
