@@ -125,7 +125,8 @@ def evaluate(vlm, items: Sequence[data.VQAItem], *, prompt: str = "nothink", ima
 
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc or f"eval {prompt}/{method}",
                leave=False)
-    vlm.model.eval()
+    if todo:  # results all read back from the records need no model (a lazy one is never loaded)
+        vlm.model.eval()
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         images = data.load_images(batch, size=image_size)

@@ -313,6 +313,20 @@ def load(name: str | Path, cfg, *, device=None):
                            attn_implementation=cfg.model.attn_implementation)
 
 
+class Lazy:
+    """Model ``name`` loaded (``load``) on first use: a run whose results are all in its records never loads it."""
+
+    def __init__(self, name, cfg):
+        self._name, self._cfg, self._vlm = name, cfg, None
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        if self._vlm is None:
+            self._vlm = load(self._name, self._cfg)
+        return getattr(self._vlm, attr)
+
+
 def _is_name(name: str) -> bool:
     return name in _FIXED or any(p.fullmatch(name) for p, _ in _PATTERNS)
 

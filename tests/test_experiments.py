@@ -243,6 +243,10 @@ def test_attack_suite_runs_every_attack_on_the_first_questions(over):
     linf = suite[suite["norm"] == "linf"]
     assert (linf["attack_linf"] <= linf["eps"] + 1e-6).all() and linf["perturbed"].all()
     assert safemed.suite_table(cfg, suite).loc["GRPO-nothink", "n"] == 2
+    with pytest.MonkeyPatch.context() as mp:   # run again: every result is read back, no model is loaded
+        mp.setattr(zoo, "load", _no_model)
+        again = safemed.attack_suite(cfg, {"GRPO-nothink": ("nothink", "grpo-nothink")}, progress=None)
+    assert again["correct"].tolist() == suite["correct"].tolist()
 
 
 def test_evaluate_model_attacks_and_caches(over, monkeypatch):

@@ -146,7 +146,7 @@ def attack_suite(cfg, runs: dict, progress=print) -> pd.DataFrame:
     for label, (mode, name) in runs.items() if items else ():
         t0 = time.perf_counter()
         frames.append(benchmark.evaluate_attacks(
-            zoo.load(name, cfg), items, prompt=mode, image_size=cfg.data.image_size, grid=suite_grid(cfg, mode),
+            zoo.Lazy(name, cfg), items, prompt=mode, image_size=cfg.data.image_size, grid=suite_grid(cfg, mode),
             records_dir=zoo.run_dir(name, cfg) / "eval-robust-suite", tag=zoo.fingerprint(name, cfg),
             batch_size=e.batch_size, max_new_tokens=getattr(cfg.safemed.grpo, mode).max_completion_length,
             seed=cfg.seed).assign(model=label))
