@@ -77,9 +77,10 @@ def cost(cfg, rates: dict[str, float] | None = None) -> pd.DataFrame:
 
 
 def estimate(cfg) -> pd.DataFrame:
-    """:func:`cost` with each certifiable model's rate measured here (:func:`available`)."""
+    """:func:`cost` with the rate of each model measured here that is trained already (the others
+    train during :func:`run`, in its two processes)."""
     names, _ = available(cfg, cfg.certify.models)
-    return cost(cfg, {n: measure_rate(cfg, n) for n in names})
+    return cost(cfg, {n: measure_rate(cfg, n) for n in names if zoo.is_trained(n, cfg)})
 
 
 def available(cfg, names) -> tuple[list[str], list[str]]:
@@ -205,7 +206,7 @@ def soundness_table(attacked: pd.DataFrame) -> pd.DataFrame:
                          "acc_under_smoothadv": 100 * g["correct_adv"].mean(),
                          "top_class_right": 100 * g["top_adv_right"].mean(),
                          "abstain_under_smoothadv": 100 * g["abstain_adv"].mean(),
-                         "violations": g["violation"].sum()}).round(1)
+                         "violations": g["violation"].sum()}).round(1).reset_index()
 
 
 def run(cfg) -> tuple[pd.DataFrame, list[str]]:
