@@ -100,7 +100,7 @@ class OptionScorer:
                                                   get_vision_position_ids(grid, self.visual.spatial_merge_size, kwargs={}))
             self.vrope = (cos.to(dtype), sin.to(dtype))
             self.w, self.b = self.w.to(dtype), self.b.to(dtype)
-            self._chol = {}
+            self._chol, self._vrope_b = {}, {}
 
     def _prefix(self, emb, pos):
         from transformers.cache_utils import DynamicCache
@@ -131,7 +131,9 @@ class OptionScorer:
 
         n = self.n_patches
         B = h.shape[0] // n
-        cos, sin = (t.repeat(B, 1) for t in self.vrope)
+        if B not in self._vrope_b:  # the rotary tables of B images, built once per batch size
+            self._vrope_b = {B: tuple(t.repeat(B, 1) for t in self.vrope)}
+        cos, sin = self._vrope_b[B]
         for blk in self.visual.blocks:
             a = blk.attn
             q, k, v = a.qkv(blk.norm1(h)).reshape(h.shape[0], 3, a.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -205,7 +207,7 @@ class OptionScorer:
         z = torch.randn(num * e0.shape[0], e0.shape[1], generator=generator, device=e0.device, dtype=e0.dtype)
         return self.from_embeddings(e0.repeat(num, 1) + z @ self.noise_factor(float(sigma)).T)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def counts(self, x: torch.Tensor, num: int, *, sigma: float, batch_size: int, num_classes: int,
                generator: torch.Generator | None = None) -> np.ndarray:
         """Counts of the argmax option over ``num`` draws of x + N(0, sigma^2 I) (``smoothing.sample_counts``'
