@@ -153,7 +153,8 @@ def certify_items(vlm, items, *, sigma: float, n0: int, n: int, alpha: float, me
     ``zoo.fingerprint``) are an error. Columns: key,
     question_id, dataset, modality, question_type, n_options, answer, label, pred, pred_letter,
     radius, p_lower, abstain, correct, base_pred (noise-free), counts_selection,
-    counts_estimation, noise_drawn, seconds, and the settings.
+    counts_estimation, n_drawn (n, or fewer when CERTIFY abstained early), noise_drawn,
+    seconds, and the settings.
     """
     from . import data
     from .prompts import LETTERS
@@ -198,7 +199,7 @@ def certify_items(vlm, items, *, sigma: float, n0: int, n: int, alpha: float, me
                "radius": c.radius, "p_lower": c.p_lower, "abstain": c.prediction == ABSTAIN,
                "correct": c.prediction == label, "base_pred": base_pred,
                "counts_selection": c.counts_selection.tolist(),
-               "counts_estimation": c.counts_estimation.tolist(),
+               "counts_estimation": c.counts_estimation.tolist(), "n_drawn": int(c.counts_estimation.sum()),
                "noise_drawn": noise_drawn,
                "seconds": time.perf_counter() - t0, **settings}
         if records is not None:

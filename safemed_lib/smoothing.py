@@ -47,7 +47,7 @@ class Certificate:
     radius: float               # certified L2 radius in [0, 1] pixel units; 0.0 when abstaining
     p_lower: float              # one-sided (1 - alpha) Clopper-Pearson lower bound on pA
     counts_selection: np.ndarray  # class counts over the n0 selection samples
-    counts_estimation: np.ndarray  # class counts over the n estimation samples
+    counts_estimation: np.ndarray  # class counts over the estimation samples drawn (n, or fewer: early abstention)
 
 
 def certify(classify: Classifier, x: torch.Tensor, *, sigma: float, n0: int, n: int, alpha: float,
@@ -64,13 +64,20 @@ def certify(classify: Classifier, x: torch.Tensor, *, sigma: float, n0: int, n: 
 
 def certify_detail(classify: Classifier | None, x: torch.Tensor, *, sigma: float, n0: int, n: int, alpha: float,
                    batch_size: int, num_classes: int, generator: torch.Generator | None = None,
-                   sampler: Callable[..., np.ndarray] | None = None) -> Certificate:
+                   sampler: Callable[..., np.ndarray] | None = None, early_abstain: bool = True) -> Certificate:
     """CERTIFY, returning the bound and the counts as well (for records and tables).
 
     ``sampler(x, num, sigma=, batch_size=, num_classes=, generator=)`` replaces
     ``sample_counts(classify, ...)`` when given: class counts of ``num`` i.i.d. draws of
     f(x + N(0, sigma^2 I)), however they are computed (e.g. ``models.OptionScorer.counts`` draws the
-    noise where the model first meets it); the guarantee needs only that distribution."""
+    noise where the model first meets it); the guarantee needs only that distribution.
+
+    ``early_abstain``: the n estimation samples are drawn ``batch_size`` at a time (the same draws as
+    one call), and CERTIFY stops as soon as the selected class could no longer reach the count a
+    certificate needs (``min_count``) even if every remaining draw were that class. The answer is
+    then ABSTAIN, exactly what the full run would return (the bound only grows with the count), so
+    the guarantee is untouched and fewer samples are spent; ``p_lower`` is then the bound at that
+    best case (still below 1/2) and ``counts_estimation`` sums to the draws made."""
     _check(x, sigma=sigma, n=n, alpha=alpha, batch_size=batch_size, num_classes=num_classes, n0=n0)
     if sampler is None:
         if classify is None:
@@ -79,8 +86,14 @@ def certify_detail(classify: Classifier | None, x: torch.Tensor, *, sigma: float
     kw = dict(sigma=sigma, batch_size=batch_size, num_classes=num_classes, generator=generator)
     counts_selection = _counts(sampler(x, n0, **kw), n0, num_classes)
     c_a = int(counts_selection.argmax())
-    counts_estimation = _counts(sampler(x, n, **kw), n, num_classes)
-    p_lower = lower_confidence_bound(int(counts_estimation[c_a]), n, alpha)
+    need, counts_estimation, drawn = min_count(n, alpha), np.zeros(num_classes, dtype=np.int64), 0
+    while drawn < n:
+        b = n - drawn if not early_abstain else min(batch_size, n - drawn)
+        counts_estimation += _counts(sampler(x, b, **kw), b, num_classes)
+        drawn += b
+        if counts_estimation[c_a] + (n - drawn) < need:
+            break
+    p_lower = lower_confidence_bound(int(counts_estimation[c_a]) + n - drawn, n, alpha)
     if p_lower < 0.5:
         return Certificate(ABSTAIN, 0.0, p_lower, counts_selection, counts_estimation)
     return Certificate(c_a, float(sigma * norm.ppf(p_lower)), p_lower, counts_selection, counts_estimation)
@@ -134,6 +147,19 @@ def sample_counts(classify: Classifier, x: torch.Tensor, num: int, *, sigma: flo
             ids = classify(batch + sigma * noise)
             counts += _count(ids, b, num_classes)
     return counts
+
+
+def min_count(n: int, alpha: float) -> int:
+    """The smallest count k of n with a one-sided (1 - alpha) Clopper-Pearson lower bound >= 1/2:
+    the fewest draws of the selected class that let CERTIFY certify (n + 1 if none can)."""
+    lo, hi = 0, n + 1          # lower_confidence_bound grows with k: bisect
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid <= n and lower_confidence_bound(mid, n, alpha) >= 0.5:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _counts(counts, num: int, num_classes: int) -> np.ndarray:

@@ -454,3 +454,25 @@ def test_smooth_adv_walks_to_the_plane_and_never_beats_a_certificate():
     assert checked >= 2
     with pytest.raises(ValueError, match="radius > 0"):
         smooth_adv(log_probs, x, 1, sigma=sigma, radius=0.0)
+
+
+def test_early_abstention_returns_what_the_full_run_returns_with_fewer_draws():
+    from safemed_lib.smoothing import certify_detail, lower_confidence_bound, min_count
+
+    for n, alpha in ((100, 0.001), (1000, 0.001), (37, 0.05)):
+        k = min_count(n, alpha)
+        assert lower_confidence_bound(k, n, alpha) >= 0.5 > lower_confidence_bound(k - 1, n, alpha)
+    assert min_count(5, 0.001) == 6                       # 5 draws can never certify at alpha 0.001
+
+    w, b, classify, _ = linear_problem(3)
+    for d, seed in ((0.0, 1), (0.02, 2), (0.3, 3)):       # on the plane, near it (abstain), far (certified)
+        x = point_at(w, b, d, seed)
+        kw = dict(sigma=0.25, n0=16, n=400, alpha=0.001, batch_size=50, num_classes=2)
+        early = certify_detail(classify, x, generator=gen(seed), **kw)
+        full = certify_detail(classify, x, generator=gen(seed), early_abstain=False, **kw)
+        assert (early.prediction, early.radius) == (full.prediction, full.radius)
+        assert full.counts_estimation.sum() == 400
+        if early.prediction == ABSTAIN:
+            assert early.counts_estimation.sum() < 400 and early.p_lower < 0.5
+        else:
+            assert early.counts_estimation.tolist() == full.counts_estimation.tolist() and d == 0.3
