@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/run.py [--quick] [--only pgd certify ...]
 
-Each script writes its own JSON + Markdown under benchmarks/out/; this adds the end-to-end
+Each script writes its own JSON + Markdown under benchmarks/out/; SUMMARY.md gathers every script's
+latest Markdown (with --only, the others' from their last run) and adds the end-to-end
 `make reproduce` wall time per notebook (from runs/<profile>/summary.json, the last full run;
 a `--only` run writes summary-partial.json instead).
 """
@@ -53,6 +54,7 @@ def main() -> int:
         rc = subprocess.call([sys.executable, str(HERE / script), *extra, *(quick if args.quick else [])])
         if rc != 0:
             failed.append(script)
+    for name, (script, _, _, md) in SCRIPTS.items():  # every script's latest output, run now or before
         parts += [f"## {name}", "", (OUT / md).read_text() if (OUT / md).exists() else f"({script} wrote no {md})", ""]
     parts += ["## end to end", "", end_to_end()]
     (OUT / "SUMMARY.md").write_text("\n".join(parts))
