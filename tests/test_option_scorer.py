@@ -94,7 +94,7 @@ def test_unsupported_models_fall_back_to_pixel_noise(tmp_path, vlm):
     assert option_scorer.supported(vlm) and not option_scorer.supported(Other())
     with pytest.raises(ValueError, match="OptionScorer supports"):
         OptionScorer(Other(), item())
-    with pytest.raises(ValueError, match="patches per image"):
+    with pytest.raises(ValueError, match="grid of patches per image"):
         OptionScorer(vlm, item()).logprobs(torch.rand(1, 3, 84, 84))
 
 

@@ -95,7 +95,7 @@ class OptionScorer:
             mean, std = vlm._mean.to(w).view(1, -1, 1, 1), vlm._std.to(w).view(1, -1, 1, 1)
             self.w = (w / std).reshape(w.shape[0], -1)                     # (E, C*ps*ps)
             self.b = -(w * (mean / std)).sum((1, 2, 3))
-            self.n_patches = int(grid.prod())
+            self.n_patches, self.grid_hw = int(grid.prod()), (int(grid[0, 1]), int(grid[0, 2]))
             cos, sin = self.visual.rotary_pos_emb(torch.zeros(self.n_patches, 1, device=dev),
                                                   get_vision_position_ids(grid, self.visual.spatial_merge_size, kwargs={}))
             self.vrope = (cos.to(dtype), sin.to(dtype))
@@ -116,8 +116,9 @@ class OptionScorer:
         B, C, H, W = images.shape
         ps, mg = v.patch_size, v.merge_size
         gh, gw = H // ps, W // ps
-        if gh * gw != self.n_patches:
-            raise ValueError(f"OptionScorer was built for {self.n_patches} patches per image, got a {H}x{W} image")
+        if (gh, gw) != self.grid_hw:
+            raise ValueError(f"OptionScorer was built for a {self.grid_hw[0]}x{self.grid_hw[1]} grid of patches per "
+                             f"image, got a {H}x{W} image ({gh}x{gw})")
         p = images.reshape(B, C, gh // mg, mg, ps, gw // mg, mg, ps).permute(0, 2, 5, 3, 6, 1, 4, 7)
         return p.reshape(B * gh * gw, C * ps * ps).to(self.w.dtype)
 
