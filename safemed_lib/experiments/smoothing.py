@@ -117,7 +117,9 @@ def certify_model(cfg, name: str) -> pd.DataFrame:
         def run(d, kw=kw, fresh=fresh):
             fresh["df"] = certify.certify_items(model(), items, records_path=d / "records.jsonl", **kw)
 
-        df = runs.cached(zoo.run_dir(name, cfg) / f"eval-certify-sigma{sigma}", run_key, run,
+        # one folder per sample size: profiles sharing a model folder (tiny, tiny_eval) keep each other's runs
+        folder = f"eval-certify-sigma{sigma}-n{plan['n']}-items{len(items)}"
+        df = runs.cached(zoo.run_dir(name, cfg) / folder, run_key, run,
                          load=lambda d, _, kw=kw, fresh=fresh: fresh.get("df") if "df" in fresh else
                          certify.certify_items(evaluate._Recorded(), items, records_path=d / "records.jsonl", **kw))
         frames.append(df.assign(model=name))
