@@ -4,7 +4,7 @@ The "standard fine-tuned" baseline of SafeMed-R1 and Med-R1's SFT: ``train_sft``
 completions of :mod:`safemed_lib.targets` (think: a rationale then the answer; nothink: the answer
 alone) under a ``config.SFTRecipe``. Answer-only runs can add ``binding.binding_loss``'s auxiliary
 terms (``recipe.binding``); adversarial runs (AT-SFT, Madry et al.) replace part of each batch by
-PGD images against the current weights (:func:`adversarial_images`).
+PGD images against the current weights, noise-trained runs add Gaussian noise (:mod:`safemed_lib.sft_perturb`).
 
 Why a plain loop and not TRL's ``SFTTrainer``: the loss every part of this project shares is
 ``VLM.sequence_nll`` (the same function PGD ascends), and the loop minimises exactly that: AdamW, a
@@ -34,67 +34,14 @@ from typing import Sequence
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from . import attacks, binding, data, models
+from . import binding, data, models
 from .records import atomic_write_text
+from .sft_perturb import ADV_DEFAULTS, adversarial_images, adversarial_settings, noisy  # noqa: F401
 from .targets import TARGET_FORMAT, VARIANTS, scenes_for, sft_targets, shuffle_options
 
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
 RUN_FILE = "run.json"  # a finished run's settings, final model folder and seconds
 BINDING_LOG_FIELDS = ("step", "match", "letter", "attention", "content", "scene", "pick")  # binding_log.csv
-
-
-# --------------------------------------------------------------------------- adversarial SFT
-ADV_DEFAULTS = {"eps": 8 / 255, "alpha": None, "steps": 5, "fraction": 0.5, "norm": "linf"}
-
-
-def adversarial_settings(adversarial: dict | None) -> dict | None:
-    """``train_sft``'s ``adversarial`` argument checked and completed: None, or a dict with
-    ``eps`` (radius in [0,1] pixel units), ``alpha`` (step; None: ``attacks.default_alpha``),
-    ``steps`` (PGD steps), ``fraction`` (share of each batch attacked) and ``norm``."""
-    if adversarial is None:
-        return None
-    if not isinstance(adversarial, dict):
-        raise TypeError(f"adversarial must be None or a dict, got {type(adversarial).__name__}")
-    unknown = set(adversarial) - set(ADV_DEFAULTS)
-    if unknown:
-        raise ValueError(f"adversarial: unknown keys {sorted(unknown)}; known: {sorted(ADV_DEFAULTS)}")
-    adv = {**ADV_DEFAULTS, **adversarial}
-    if adv["norm"] not in attacks.NORMS:
-        raise ValueError(f"adversarial.norm must be one of {attacks.NORMS}, got {adv['norm']!r}")
-    if not adv["eps"] > 0:
-        raise ValueError(f"adversarial.eps must be > 0, got {adv['eps']!r}")
-    if int(adv["steps"]) != adv["steps"] or adv["steps"] < 1:
-        raise ValueError(f"adversarial.steps must be an integer >= 1, got {adv['steps']!r}")
-    if not 0 < adv["fraction"] <= 1:
-        raise ValueError(f"adversarial.fraction must be in (0, 1], got {adv['fraction']!r}")
-    if adv["alpha"] is None:
-        adv["alpha"] = attacks.default_alpha(adv["eps"], int(adv["steps"]))
-    if not adv["alpha"] > 0:
-        raise ValueError(f"adversarial.alpha must be > 0, got {adv['alpha']!r}")
-    return {"eps": float(adv["eps"]), "alpha": float(adv["alpha"]), "steps": int(adv["steps"]),
-            "fraction": float(adv["fraction"]), "norm": adv["norm"]}
-
-
-def adversarial_images(vlm, images: torch.Tensor, items: Sequence[data.VQAItem], targets: Sequence[str], *,
-                       prompt: str, adversarial: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Madry et al.'s inner maximisation for one SFT batch: the first ``round(fraction * B)``
-    images replaced by PGD images that ascend the batch's own SFT loss (``vlm.sequence_nll`` of
-    its targets, the loss the step then descends), put on the 8-bit grid inside the ball. The
-    model is in eval mode during the attack. Returns a new batch; ``images`` is not modified."""
-    adv = adversarial_settings(adversarial)
-    k = round(adv["fraction"] * len(items))
-    if k == 0:
-        return images
-    items, targets = list(items)[:k], list(targets)[:k]
-    was_training = vlm.model.training
-    vlm.model.eval()
-    try:
-        x_adv = attacks.pgd(lambda z: vlm.sequence_nll(z, items, targets, prompt=prompt), images[:k],
-                            eps=adv["eps"], alpha=adv["alpha"], steps=adv["steps"], norm=adv["norm"],
-                            generator=generator)
-    finally:
-        vlm.model.train(was_training)
-    return torch.cat([attacks.round_8bit_toward(x_adv, images[:k]), images[k:]])
 
 
 # --------------------------------------------------------------------------- one run's settings and files
@@ -364,9 +311,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
                 images = adversarial_images(vlm, images, batch, targets, prompt=variant, adversarial=adv,
                                             generator=gen)
             if recipe.noise_sigma:  # Cohen et al.: the base classifier learns under the noise it is smoothed with
-                images = images.to(vlm.device)
                 gen = torch.Generator(device=vlm.device).manual_seed(seed * 1_000_033 + step)
-                images = images + recipe.noise_sigma * torch.randn(images.shape, generator=gen, device=vlm.device)
+                images = noisy(images.to(vlm.device), recipe.noise_sigma, gen)
             extras = {} if heads is not None else None
             loss = vlm.sequence_nll(images, batch, targets, prompt=variant, extras=extras).mean()
             total, parts = loss, None

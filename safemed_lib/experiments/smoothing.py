@@ -156,8 +156,8 @@ def attack_model(cfg, name: str, certs: pd.DataFrame) -> pd.DataFrame:
             it = by_id[row.question_id]
             x = data.load_images([it], size=cfg.data.image_size)[0].to(vlm.device)
             scorer = option_scorer.OptionScorer(vlm, it, plan["prompt"], tuple(x.shape[-2:]))
-            sample = certify.sampler(vlm, it, method="logprob", prompt=plan["prompt"], noise=c.noise,
-                                     image_size=tuple(x.shape[-2:]))
+            sample = scorer.counts if c.noise == "embedding" else certify.sampler(
+                vlm, it, method="logprob", prompt=plan["prompt"], noise="pixel")
             for r in a.radii:
                 gen = certify.item_generator(cfg.seed + 1, f"{it.question_id}/{r}", x.device)
                 x_adv = sm.smooth_adv(scorer.logprobs, x, int(row.label), sigma=a.sigma, radius=r, steps=a.steps,
