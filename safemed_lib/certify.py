@@ -95,13 +95,21 @@ def sampler(vlm, item, *, method: str, prompt: str, noise: str = "embedding", ma
     """``(x, num, sigma=, batch_size=, num_classes=, generator=) -> class counts`` as ``certify_items``
     draws them: ``OptionScorer.counts`` on the fast path of a supported model with ``noise="embedding"``,
     else ``smoothing.sample_counts`` over ``base_classifier``."""
+    return classifier_and_sampler(vlm, item, method=method, prompt=prompt, noise=noise,
+                                  max_new_tokens=max_new_tokens, image_size=image_size)[1]
+
+
+def classifier_and_sampler(vlm, item, *, method: str, prompt: str, noise: str = "embedding",
+                           max_new_tokens: int = 64, image_size: int | None = None):
+    """(``base_classifier``, :func:`sampler`) of one item, sharing one ``OptionScorer`` on the embedding path."""
     from .models import option_scorer
     from .smoothing import sample_counts
 
     if _embedding_noise(vlm, method, noise):
-        return option_scorer.OptionScorer(vlm, item, prompt, image_size).counts
+        scorer = option_scorer.OptionScorer(vlm, item, prompt, image_size)
+        return (lambda images: scorer.logprobs(images).detach().cpu().argmax(-1)), scorer.counts
     classify = base_classifier(vlm, item, method=method, prompt=prompt, max_new_tokens=max_new_tokens)
-    return lambda x, num, **kw: sample_counts(classify, x, num, **kw)
+    return classify, (lambda x, num, **kw: sample_counts(classify, x, num, **kw))
 
 
 def _embedding_noise(vlm, method: str, noise: str) -> bool:
@@ -184,9 +192,8 @@ def certify_items(vlm, items, *, sigma: float, n0: int, n: int, alpha: float, me
         t0 = time.perf_counter()
         k = len(it.options)
         x = data.load_images([it], size=image_size)[0].to(device)
-        classify = base_classifier(vlm, it, method=method, prompt=prompt, max_new_tokens=max_new_tokens)
-        sample = sampler(vlm, it, method=method, prompt=prompt, noise=settings["noise"],
-                         max_new_tokens=max_new_tokens, image_size=tuple(x.shape[-2:]))
+        classify, sample = classifier_and_sampler(vlm, it, method=method, prompt=prompt, noise=settings["noise"],
+                                                  max_new_tokens=max_new_tokens, image_size=tuple(x.shape[-2:]))
         with torch.no_grad():
             base_pred = int(classify(x.unsqueeze(0))[0])
         c = certify_detail(classify, x, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
