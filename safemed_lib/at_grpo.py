@@ -36,10 +36,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import trl
-from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from . import attacks, data, prompts
+from .grpo_noise import NoisyGRPOTrainer
 
 TRL_VERSION = "1.16.0"  # the version whose private hooks ATGRPOTrainer overrides
 if trl.__version__ != TRL_VERSION:
@@ -136,13 +136,15 @@ def _seed_of(*parts: Any) -> int:
 
 
 # --------------------------------------------------------------------------- the adversarial trainer
-class ATGRPOTrainer(GRPOTrainer):
+class ATGRPOTrainer(NoisyGRPOTrainer):
     """``GRPOTrainer`` whose generation batches carry PGD adversarial images (see the module doc).
 
     Extra arguments: ``vlm`` (the model wrapper whose ``.model`` is the policy being trained; the
     attack runs through it, so it always sees the current weights), ``items`` (the training
     VQAItems, looked up by the dataset's ``question_id``), ``mode`` (the training prompt mode),
-    ``adversarial`` (an :class:`AdversarialConfig`), ``attack_seed``.
+    ``adversarial`` (an :class:`AdversarialConfig`), ``attack_seed``; ``noise_sigma`` and
+    ``noise_seed`` as :class:`grpo_noise.NoisyGRPOTrainer`'s (Gaussian noise on every rollout's
+    image, after the attack).
 
     Logged per generation batch: ``rewards/clean`` and ``rewards/adversarial`` (total reward of
     the rollouts on clean and on attacked images), the same per reward function,
@@ -158,8 +160,7 @@ class ATGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, vlm, items: Sequence[data.VQAItem], mode: str,
                  adversarial: AdversarialConfig, attack_seed: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.vlm = vlm
+        super().__init__(*args, vlm=vlm, **kwargs)
         self.items = {it.question_id: it for it in items}
         self.mode = mode
         self.adversarial = as_adversarial(adversarial)

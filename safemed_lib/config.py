@@ -160,6 +160,11 @@ class GRPORecipe(Block):
     beta: NonNeg = 0.04            # KL weight (Med-R1: 0.04)
     temperature: PosFloat = 1.0    # sampling temperature (Med-R1: 1)
     max_completion_length: PosInt = 96   # tokens per completion (also the evaluation's generation budget)
+    noise_sigma: NonNeg = 0.0      # std of Gaussian noise on every rollout's image, pixels in [0, 1] (0: none)
+
+    def key(self) -> dict:
+        """The fields that identify a run (``noise_sigma`` only when set, so older runs keep their keys)."""
+        return self.model_dump(exclude=set() if self.noise_sigma else {"noise_sigma"})
 
 
 class GRPOByMode(Block):
@@ -288,6 +293,7 @@ class Certify(Block):
     background: bool = True  # certify about half of the models in a second process (false on one GPU)
     attack: SmoothAttack = SmoothAttack()
     noise_sft: NoiseSFT = NoiseSFT()   # the sftnoise-<mode> models (binding: as the SFT model of the mode, below)
+    noise_grpo: PosFloat = 0.25  # training noise std of grponoise-/atgrponoise-<mode> (safemed.grpo.<mode>'s recipe), pixels
 
     @model_validator(mode="after")
     def _attack_sigma_is_certified(self):

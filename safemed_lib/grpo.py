@@ -28,6 +28,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from . import data, grpo_dist, models, prompts
 from .at_grpo import ATGRPOTrainer, as_adversarial
+from .grpo_noise import NoisyGRPOTrainer
 from .records import atomic_write_text
 
 MODES = prompts.MODES
@@ -248,7 +249,8 @@ def train_grpo(vlm, train_items: Sequence[data.VQAItem], recipe, *, mode: str = 
     ``mode``: the prompt and format reward ("think", "nothink", "think_after"). ``lora``: None
     (full fine-tuning), True (r=8 on q/v) or a dict of ``peft.LoraConfig`` arguments; the adapter
     is merged into the weights at the end. ``adversarial``: None, an ``at_grpo.AdversarialConfig``
-    or a dict of its fields (then ``at_grpo.ATGRPOTrainer`` is used). ``image_size``: the square
+    or a dict of its fields (then ``at_grpo.ATGRPOTrainer`` is used). ``recipe.noise_sigma`` > 0:
+    Gaussian noise on every rollout's image (``grpo_noise.NoisyGRPOTrainer``; after the attack with AT-GRPO). ``image_size``: the square
     side images are fed at (default: ``vlm.image_size``). ``device``: "cpu" or "cuda" (default: where
     the model is). The run lives in ``out_dir``: ``log.csv`` (one row per step),
     ``checkpoint-<step>`` (TRL/transformers checkpoints, the newest kept, every ``save_steps`` and
@@ -292,7 +294,7 @@ def train_grpo(vlm, train_items: Sequence[data.VQAItem], recipe, *, mode: str = 
     if config is None:
         config = grpo_config(out_dir, recipe, seed=seed, device=device or vlm.device.type, save_steps=save_steps,
                              **config_overrides)
-    trainer = _make_trainer(vlm, train_items, dataset, config, mode, adversarial, seed,
+    trainer = _make_trainer(vlm, train_items, dataset, config, recipe, mode, adversarial, seed,
                             [CSVLogCallback(out_dir / LOG_NAME), SaveAtEndCallback(), *callbacks])
     last = get_last_checkpoint(str(out_dir)) if resume else None
     with warnings.catch_warnings():
@@ -314,16 +316,20 @@ def train_grpo(vlm, train_items: Sequence[data.VQAItem], recipe, *, mode: str = 
     return vlm
 
 
-def _make_trainer(vlm, items, dataset, config, mode, adversarial, seed, callbacks):
-    """GRPOTrainer, or ATGRPOTrainer with an ``adversarial`` setting."""
+def _make_trainer(vlm, items, dataset, config, recipe, mode, adversarial, seed, callbacks):
+    """ATGRPOTrainer with an ``adversarial`` setting, else NoisyGRPOTrainer with ``recipe.noise_sigma``,
+    else TRL's GRPOTrainer."""
     kwargs = dict(model=vlm.model, reward_funcs=reward_funcs(mode), args=config, train_dataset=dataset,
                   processing_class=vlm.processor,  # explicitly: AutoProcessor would return the tokenizer only
                   callbacks=callbacks)
-    if adversarial is None:
-        trainer = GRPOTrainer(**kwargs)
-    else:
+    noise = dict(noise_sigma=getattr(recipe, "noise_sigma", 0.0), noise_seed=seed)
+    if adversarial is not None:
         trainer = ATGRPOTrainer(**kwargs, vlm=vlm, items=items, mode=mode, adversarial=adversarial,
-                                attack_seed=seed)
+                                attack_seed=seed, **noise)
+    elif noise["noise_sigma"]:
+        trainer = NoisyGRPOTrainer(**kwargs, vlm=vlm, **noise)
+    else:
+        trainer = GRPOTrainer(**kwargs)
     if config.disable_tqdm:  # the Trainer then prints every log dict; the CSV has them already
         trainer.remove_callback(PrinterCallback)
     return trainer

@@ -141,7 +141,7 @@ def train_info(trainer) -> dict:
     """The small facts of a finished run kept on the VLM (``vlm.train_info``) once the trainer is gone."""
     info = {"trainer": type(trainer).__name__, "global_step": trainer.state.global_step,
             "num_processes": trainer.accelerator.num_processes}
-    for name in ("hook_calls", "attacked_images"):
+    for name in ("hook_calls", "attacked_images", "noisy_images"):
         if hasattr(trainer, name):
             value = getattr(trainer, name)
             info[name] = dict(value) if isinstance(value, dict) else value

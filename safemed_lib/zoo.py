@@ -15,6 +15,9 @@ name                        what                                                
 ``sftat-<m>``               AT-SFT: Madry adversarial fine-tuning                 sft-<m>
 ``grpo-<m>``                GRPO (``safemed.grpo.<m>``)                           sft-<m>
 ``atgrpo-<m>``              AT-GRPO: GRPO on PGD images (``safemed.train_attack``) sft-<m>
+``sftnoise-<m>``            SFT under Gaussian noise (``certify.noise_sft``)       sft-<m>
+``grponoise-<m>``           GRPO under Gaussian noise (``certify.noise_grpo``)     sft-<m>
+``atgrponoise-<m>``         AT-GRPO, then Gaussian noise on the rollouts' images  sft-<m>
 ``r2-stepwise``, ``r2-plain``  stepwise / plain fine-tuning on Med-R2 cases      sft-nothink
 ``medr1-warmup``            Med-R1's base (short general SFT; ``medr1.warmup``)   base
 ``medr1-<by>-<sft|grpo>-<group>``  one cell of Med-R1's protocols                 medr1-warmup
@@ -154,16 +157,19 @@ def _grpo_run(items, recipe, *, mode, image_size, seed, adversarial=None, save_s
 def _grpo_key(kind, items, recipe, *, mode, image_size, seed, adversarial=None) -> dict:
     import trl
 
-    return {"kind": kind, "mode": mode, "recipe": recipe.model_dump(), "train": runs.ids_digest(items),
+    return {"kind": kind, "mode": mode, "recipe": recipe.key(), "train": runs.ids_digest(items),
             "image_size": image_size, "seed": seed, "adversarial": adversarial, "trl": trl.__version__}
 
 
-def _grpo(cfg, mode: str, adversarial: bool) -> Spec:
+def _grpo(cfg, mode: str, adversarial: bool, noise: bool = False) -> Spec:
+    """GRPO / AT-GRPO from sft-<mode>; with ``noise`` under Gaussian noise of std ``certify.noise_grpo``."""
     train, _ = dataset.splits(cfg)
     recipe = getattr(cfg.safemed.grpo, mode)
+    if noise:
+        recipe = recipe.model_copy(update={"noise_sigma": cfg.certify.noise_grpo})
     adv = {**train_attack(cfg), "ramp_steps": cfg.safemed.train_attack.ramp_steps} if adversarial else None
     kw = dict(mode=mode, image_size=cfg.data.image_size, seed=cfg.seed, adversarial=adv)
-    name = f"{'at' if adversarial else ''}grpo-{mode}"
+    name = f"{'at' if adversarial else ''}grpo{'noise' if noise else ''}-{mode}"
     return Spec(name, _grpo_key("at-grpo" if adversarial else "grpo", train, recipe, **kw), f"sft-{mode}",
                 _grpo_run(train, recipe, **kw))
 
@@ -226,6 +232,8 @@ _PATTERNS = (
     (re.compile(r"sftnoise-(think|nothink)"), _sftnoise),
     (re.compile(r"grpo-(think|nothink)"), partial(_grpo, adversarial=False)),
     (re.compile(r"atgrpo-(think|nothink)"), partial(_grpo, adversarial=True)),
+    (re.compile(r"grponoise-(think|nothink)"), partial(_grpo, adversarial=False, noise=True)),
+    (re.compile(r"atgrponoise-(think|nothink)"), partial(_grpo, adversarial=True, noise=True)),
     (re.compile(r"r2-(stepwise|plain)"), _r2),
     (re.compile(r"medr1-(modality|question-type)-(sft|grpo)-([a-z0-9-]+)"),
      lambda cfg, by, method, g: _medr1_cell(cfg, by.replace("-", "_"), method, g)),
@@ -245,7 +253,7 @@ def spec(name: str, cfg) -> Spec:
 
 def names(cfg) -> list[str]:
     """Every name the zoo knows on this profile (Med-R1's cells spelled out)."""
-    out = ["base"] + [f"{k}-{m}" for k in ("sft", "sftat", "sftnoise", "grpo", "atgrpo") for m in MODES]
+    out = ["base"] + [f"{k}-{m}" for k in ("sft", "sftat", "sftnoise", "grpo", "atgrpo", "grponoise", "atgrponoise") for m in MODES]
     out += ["r2-stepwise", "r2-plain", "medr1-warmup"]
     for by in cfg.medr1.by:
         groups = (data.MODALITIES if by == "modality" else data.QUESTION_TYPES)

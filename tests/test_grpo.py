@@ -316,7 +316,7 @@ def test_zoo_grpo_trains_once_then_loads_and_retrains_on_another_recipe(zoo_over
     assert torch.equal(_weights(zoo.load("grpo-nothink", cfg)), _weights(grpo_calls[0][1]))
     run_dir = zoo.run_dir("grpo-nothink", cfg)
     done = runs.read_done(run_dir)
-    assert done["key"]["recipe"] == cfg.safemed.grpo.nothink.model_dump() and done["key"]["recipe"]["steps"] == 2
+    assert done["key"]["recipe"] == cfg.safemed.grpo.nothink.key() and done["key"]["recipe"]["steps"] == 2
     assert done["key"]["adversarial"] is None and done["key"]["kind"] == "grpo"
     assert grpo.read_log(run_dir / "train")["step"].tolist() == [1, 2]  # TRL's run in <run_dir>/train
     other = config.load("smoke", {**zoo_over, "safemed.grpo.nothink.lr": 2e-3})  # another recipe: retrains
