@@ -262,6 +262,18 @@ class NoiseSFT(SFTRecipe):
         return SFTRecipe(**self.model_dump())
 
 
+class NoiseGRPO(Block):
+    """GRPO under Gaussian noise from SFT (``grponoise-<mode>``; with the training attack ``atgrponoise-<mode>``):
+    ``safemed.grpo.<mode>``'s recipe with these fields replaced (by default the budget of ``noise_sft``)."""
+
+    noise_sigma: PosFloat = 0.25   # std of the noise on every rollout's image, pixels in [0, 1]
+    steps: PosInt = 1000
+    lr: PosFloat = 3e-4
+
+    def recipe(self, base: GRPORecipe) -> GRPORecipe:
+        return base.model_copy(update=self.model_dump())
+
+
 class SmoothAttack(Block):
     """SmoothAdv (Salman et al. 2019) on the smoothed answer-only models: soundness of the certificates seen."""
 
@@ -293,7 +305,7 @@ class Certify(Block):
     background: bool = True  # certify about half of the models in a second process (false on one GPU)
     attack: SmoothAttack = SmoothAttack()
     noise_sft: NoiseSFT = NoiseSFT()   # the sftnoise-<mode> models (binding: as the SFT model of the mode, below)
-    noise_grpo: PosFloat = 0.25  # training noise std of grponoise-/atgrponoise-<mode> (safemed.grpo.<mode>'s recipe), pixels
+    noise_grpo: NoiseGRPO = NoiseGRPO()  # the grponoise-/atgrponoise-<mode> models
 
     @model_validator(mode="after")
     def _attack_sigma_is_certified(self):

@@ -16,7 +16,7 @@ name                        what                                                
 ``grpo-<m>``                GRPO (``safemed.grpo.<m>``)                           sft-<m>
 ``atgrpo-<m>``              AT-GRPO: GRPO on PGD images (``safemed.train_attack``) sft-<m>
 ``sftnoise-<m>``            SFT under Gaussian noise (``certify.noise_sft``)       sft-<m>
-``grponoise-<m>``           GRPO under Gaussian noise (``certify.noise_grpo``)     sft-<m>
+``grponoise-<m>``           GRPO under Gaussian noise (``certify.noise_grpo``)    sft-<m>
 ``atgrponoise-<m>``         AT-GRPO, then Gaussian noise on the rollouts' images  sft-<m>
 ``r2-stepwise``, ``r2-plain``  stepwise / plain fine-tuning on Med-R2 cases      sft-nothink
 ``medr1-warmup``            Med-R1's base (short general SFT; ``medr1.warmup``)   base
@@ -162,11 +162,11 @@ def _grpo_key(kind, items, recipe, *, mode, image_size, seed, adversarial=None) 
 
 
 def _grpo(cfg, mode: str, adversarial: bool, noise: bool = False) -> Spec:
-    """GRPO / AT-GRPO from sft-<mode>; with ``noise`` under Gaussian noise of std ``certify.noise_grpo``."""
+    """GRPO / AT-GRPO from sft-<mode>; with ``noise`` under Gaussian noise (``certify.noise_grpo``'s recipe)."""
     train, _ = dataset.splits(cfg)
     recipe = getattr(cfg.safemed.grpo, mode)
     if noise:
-        recipe = recipe.model_copy(update={"noise_sigma": cfg.certify.noise_grpo})
+        recipe = cfg.certify.noise_grpo.recipe(recipe)
     adv = {**train_attack(cfg), "ramp_steps": cfg.safemed.train_attack.ramp_steps} if adversarial else None
     kw = dict(mode=mode, image_size=cfg.data.image_size, seed=cfg.seed, adversarial=adv)
     name = f"{'at' if adversarial else ''}grpo{'noise' if noise else ''}-{mode}"

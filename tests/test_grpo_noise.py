@@ -23,9 +23,6 @@ def _fresh(toy):
     return models.load_vlm(toy[1], image_size=SIZE)
 
 
-def _pixels(vlm, im):
-    return data.from_pil(im)
-
 
 def test_noise_image_processor_replaces_only_tagged_rows_with_the_smoothing_law(toy):
     items, vlm = toy[0], _fresh(toy)
