@@ -161,10 +161,11 @@ class GRPORecipe(Block):
     temperature: PosFloat = 1.0    # sampling temperature (Med-R1: 1)
     max_completion_length: PosInt = 96   # tokens per completion (also the evaluation's generation budget)
     noise_sigma: NonNeg = 0.0      # std of Gaussian noise on every rollout's image, pixels in [0, 1] (0: none)
+    noise_draw: Literal["rollout", "group"] = "rollout"  # a draw per rollout, or one per question's group
 
     def key(self) -> dict:
-        """The fields that identify a run (``noise_sigma`` only when set, so older runs keep their keys)."""
-        return self.model_dump(exclude=set() if self.noise_sigma else {"noise_sigma"})
+        """The fields that identify a run (the noise's only when set, so older runs keep their keys)."""
+        return self.model_dump(exclude=set() if self.noise_sigma else {"noise_sigma", "noise_draw"})
 
 
 class GRPOByMode(Block):
@@ -267,6 +268,7 @@ class NoiseGRPO(Block):
     ``safemed.grpo.<mode>``'s recipe with these fields replaced (by default the budget of ``noise_sft``)."""
 
     noise_sigma: PosFloat = 0.25   # std of the noise on every rollout's image, pixels in [0, 1]
+    noise_draw: Literal["rollout", "group"] = "rollout"  # a draw per rollout, or one per question's group
     steps: PosInt = 1000
     lr: PosFloat = 3e-4
 

@@ -322,7 +322,8 @@ def _make_trainer(vlm, items, dataset, config, recipe, mode, adversarial, seed, 
     kwargs = dict(model=vlm.model, reward_funcs=reward_funcs(mode), args=config, train_dataset=dataset,
                   processing_class=vlm.processor,  # explicitly: AutoProcessor would return the tokenizer only
                   callbacks=callbacks)
-    noise = dict(noise_sigma=getattr(recipe, "noise_sigma", 0.0), noise_seed=seed)
+    noise = dict(noise_sigma=getattr(recipe, "noise_sigma", 0.0), noise_draw=getattr(recipe, "noise_draw", "rollout"),
+                 noise_seed=seed)
     if adversarial is not None:
         trainer = ATGRPOTrainer(**kwargs, vlm=vlm, items=items, mode=mode, adversarial=adversarial,
                                 attack_seed=seed, **noise)

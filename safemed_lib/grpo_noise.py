@@ -3,8 +3,12 @@
 :class:`NoisyGRPOTrainer` (used by ``grpo.train_grpo`` when ``recipe.noise_sigma > 0``; AT-GRPO's
 trainer derives from it): every question of a generation batch gets one draw d ~ N(0, sigma^2 I) on
 its image's pixels in [0, 1], not clamped and not rounded, which is the law randomized smoothing
-certifies with. The G rollouts of the question, their rewards and the policy-gradient loss all see
-x + d (one draw per group, so the group-relative advantage compares completions of one image).
+certifies with. A rollout's generation, its reward and its policy-gradient term all see the same
+x + d. ``draw="rollout"`` (default): every rollout of a group has its own draw, so the group's
+rewards estimate the smoothed classifier's chance of the right answer P_d(f(x + d) = y) and the
+advantages push it up (the objective smoothing certifies); ``draw="group"``: one draw per question,
+shared by its G rollouts (as AT-GRPO shares its adversarial image), so a group's rewards differ only
+by sampling.
 
 Why not simply hand TRL a noisy image: TRL's rows carry 8-bit PIL images, so the noise would be
 clamped to [0, 1] and rounded. Instead the row's image is a copy tagged with a seed
@@ -27,6 +31,7 @@ from trl import GRPOTrainer
 from . import data
 
 SEED_KEY = "safemed_noise_seed"
+DRAWS = ("rollout", "group")
 
 
 def seed_of(*parts) -> int:
@@ -99,23 +104,25 @@ class NoisyGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose training rollouts see their images under Gaussian noise (module doc).
 
     Extra arguments: ``vlm`` (the model wrapper: its exact preprocessing makes the noisy rows),
-    ``noise_sigma`` (pixels in [0, 1]; 0: no noise, the plain trainer), ``noise_seed``.
+    ``noise_sigma`` (pixels in [0, 1]; 0: no noise, the plain trainer), ``noise_draw`` ("rollout" or
+    "group"), ``noise_seed``.
     Logged: ``noise/sigma`` and ``noise/images`` (rows of the generation batch whose image is noisy).
     Raises if TRL built a batch without calling the image processor (the noise would be lost)."""
 
-    def __init__(self, *args, vlm, noise_sigma: float = 0.0, noise_seed: int = 0, **kwargs):
+    def __init__(self, *args, vlm, noise_sigma: float = 0.0, noise_draw: str = "rollout", noise_seed: int = 0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if noise_sigma < 0:
             raise ValueError(f"noise_sigma must be >= 0, got {noise_sigma}")
-        self.vlm, self.noise_sigma, self.noise_seed = vlm, float(noise_sigma), noise_seed
+        if noise_draw not in DRAWS:
+            raise ValueError(f"noise_draw must be one of {DRAWS}, got {noise_draw!r}")
+        self.vlm, self.noise_sigma, self.noise_draw, self.noise_seed = vlm, float(noise_sigma), noise_draw, noise_seed
         self.noisy_images = 0
 
     def _generate_and_score_completions(self, inputs):
         if not (self.noise_sigma and self.model.training):
             return super()._generate_and_score_completions(inputs)
-        step = self.state.global_step
-        tagged = [{**row, "image": tag(row["image"], seed_of(self.noise_seed, step, row["question_id"]))}
-                  for row in inputs]
+        tagged = [{**row, "image": tag(row["image"], seed)} for row, seed in zip(inputs, self.seeds(inputs))]
         self._log_metric("noise/sigma", self.noise_sigma)  # before TRL's hook, which flushes the metrics
         self._log_metric("noise/images", float(len(tagged)))
         with self._noisy_processor() as ip:
@@ -124,6 +131,19 @@ class NoisyGRPOTrainer(GRPOTrainer):
         if not ip.noisy_images:
             raise RuntimeError("NoisyGRPOTrainer: TRL built this batch's pixels without the image processor "
                                "(trl upgrade?): the rollouts would have run on CLEAN images")
+        return out
+
+    def seeds(self, inputs: list[dict]) -> list[int]:
+        """The noise seed of each row: (seed, step, question id), and with ``draw="rollout"`` also the
+        process and the row's copy number among its question's rows."""
+        step, seen, out = self.state.global_step, {}, []
+        for row in inputs:
+            q = row["question_id"]
+            if self.noise_draw == "group":
+                out.append(seed_of(self.noise_seed, step, q))
+            else:
+                k = seen[q] = seen.get(q, -1) + 1
+                out.append(seed_of(self.noise_seed, step, q, self.accelerator.process_index, k))
         return out
 
     @contextlib.contextmanager

@@ -68,18 +68,21 @@ class _Spy(grpo_noise.NoisyGRPOTrainer):
         return super()._compute_loss(model, inputs)
 
 
-def _trainer(vlm, items, out_dir, cls=_Spy, sigma=SIGMA):
+def _trainer(vlm, items, out_dir, cls=_Spy, sigma=SIGMA, draw="rollout"):
     recipe = GRPORecipe(steps=1, lr=1e-3, num_generations=4, batch_size=8, beta=0.0, max_completion_length=6)
     cfg = grpo.grpo_config(out_dir, recipe, seed=0, device="cpu", save_steps=10)
     return cls(model=vlm.model, reward_funcs=grpo.reward_funcs("nothink"), args=cfg,
                train_dataset=grpo.build_dataset(items, "nothink", SIZE), processing_class=vlm.processor,
-               vlm=vlm, noise_sigma=sigma, noise_seed=3)
+               vlm=vlm, noise_sigma=sigma, noise_draw=draw, noise_seed=3)
 
 
-def test_rollouts_and_loss_see_one_draw_per_question(toy, tmp_path):
+@pytest.mark.parametrize("draw", ["rollout", "group"])
+def test_generation_and_loss_see_the_same_draws(toy, tmp_path, draw):
+    """Every rollout's generation and loss term see x + d with d from its tag; with draw="group" the
+    G rollouts of a question share one d, with "rollout" each has its own."""
     items, vlm = toy[0], _fresh(toy)
     _Spy.gen, _Spy.loss = [], []
-    trainer = _trainer(vlm, items, tmp_path)
+    trainer = _trainer(vlm, items, tmp_path, draw=draw)
     ip_before = vlm.processor.image_processor
     trainer.train()
     assert vlm.processor.image_processor is ip_before  # the wrapper is gone after the hook
@@ -90,17 +93,21 @@ def test_rollouts_and_loss_see_one_draw_per_question(toy, tmp_path):
     rows, gen_rows = loss_pv.split(n_rows), gen_pv.split(n_rows)
     # generation and loss: the same noisy pixels (TRL may reorder the batch between them)
     assert all(min((r - g).abs().max().item() for g in gen_rows) < 1e-6 for r in rows)
+    expected = {(grpo_noise.seed_of(3, 0, q) if draw == "group" else grpo_noise.seed_of(3, 0, q, 0, k)): q
+                for q in by_q for k in range(4)}
     seen = {}
     for r, (im,) in zip(gen_rows, gen_images):
         seed = im.info[grpo_noise.SEED_KEY]
-        qid = next(q for q in by_q if grpo_noise.seed_of(3, 0, q) == seed)
-        x = data.load_image(by_q[qid].image_path, SIZE)
+        x = data.load_image(by_q[expected[seed]].image_path, SIZE)
         want = vlm.preprocess((x + grpo_noise.draw(x.shape, SIGMA, seed))[None])[0]
         torch.testing.assert_close(r, want, rtol=0, atol=1e-5)
-        seen.setdefault(qid, []).append(r)
-    assert len(seen) == 2 and all(len(v) == 4 for v in seen.values())  # 2 questions x G = 4, one draw each
+        seen.setdefault(expected[seed], set()).add(seed)
+    assert len(seen) == 2  # 2 questions x G = 4
+    assert all(len(v) == (1 if draw == "group" else 4) for v in seen.values()), seen
     m = trainer.state.log_history[0]
-    assert m["noise/sigma"] == SIGMA and m["noise/images"] > 0 and trainer.noisy_images > 0
+    assert m["noise/sigma"] == SIGMA and m["noise/images"] == 8 and trainer.noisy_images == 8
+    with pytest.raises(ValueError, match="noise_draw"):
+        _trainer(vlm, items, tmp_path, draw="batch")
 
 
 def test_zero_sigma_is_the_plain_trainer(toy, tmp_path):
@@ -132,5 +139,5 @@ def test_train_grpo_with_noise_and_with_attack_and_noise(toy, tmp_path):
 
 
 def test_recipe_key_keeps_older_runs():
-    assert "noise_sigma" not in GRPORecipe().key()
+    assert "noise_sigma" not in GRPORecipe().key() and "noise_draw" not in GRPORecipe().key()
     assert GRPORecipe(noise_sigma=0.25).key()["noise_sigma"] == 0.25
