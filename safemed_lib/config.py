@@ -324,16 +324,21 @@ class MedR2(Block):
     models: list[str] = ["sft-nothink", "sft-think", "atgrpo-nothink", "atgrpo-think"]
     stepwise_json: str | None = None   # a stepwise JSON file (e.g. a converted Med-R2 release); None: generate
     image_root: str | None = None      # the folder stepwise_json's image paths are relative to
-    n_images: Count = 0                # embedded benchmark the cases come from (0: data.n_images)
-    n_cases: PosInt = 48               # test cases evaluated (4 stage questions each)
-    n_cases_think: PosInt = 16         # test cases for think models (greedy generation)
+    n_images: Count = 2400             # generated benchmark the cases come from (0: data.n_images; else its own seed)
+    n_cases: PosInt = 256              # test cases evaluated, at most (4 stage questions each)
+    n_cases_think: PosInt = 64         # test cases for think models (greedy generation)
     n_cases_attack: Count = 16         # of those, the first n also run under PGD
     cues: list[str] = ["neutral", "hint_right", "hint_wrong", "context_wrong", "authority_wrong", "box_true",
                        "box_wrong", "coords_true", "coords_wrong"]
     pgd_eps: PosFloat = 4              # L-inf radius, 1/255
     pgd_steps: Count = 5               # 0: no PGD conditions
     pgd_cues: list[str | None] = [None, "box_true"]   # cues combined with PGD (None: PGD alone)
-    ft: SFTRecipe = SFTRecipe(steps=150, lr=1e-3, batch_size=16)   # stepwise and plain fine-tuning from SFT-nothink
+    # stepwise and plain fine-tuning from SFT-nothink: the tower fixed (cached image embeddings) and the
+    # answer-only SFT's binding terms, which the long options of localization / finding need
+    ft: SFTRecipe = SFTRecipe(steps=1500, lr=1e-3, batch_size=16, train_vision=False,
+                              binding=Binding(content=1.0, scene=1.0))
+    seeds: PosInt = 1                  # training seeds of each (zoo r2-<mode>, r2-<mode>-s1, ...)
+    background: bool = True            # the plain models train in a second process (false on one GPU)
     fast_path: bool = True             # answer-only models: letter log-probs instead of generation
     batch_size: PosInt = 32
     max_new_tokens: PosInt = 96

@@ -19,6 +19,7 @@ name                        what                                                
 ``grponoise-<m>``           GRPO under Gaussian noise (``certify.noise_grpo``)    sft-<m>
 ``atgrponoise-<m>``         AT-GRPO, then Gaussian noise on the rollouts' images  sft-<m>
 ``r2-stepwise``, ``r2-plain``  stepwise / plain fine-tuning on Med-R2 cases      sft-nothink
+``r2-<mode>-s<k>``          the same with training seed ``seed + k``             sft-nothink
 ``medr1-warmup``            Med-R1's base (short general SFT; ``medr1.warmup``)   base
 ``medr1-<by>-<sft|grpo>-<group>``  one cell of Med-R1's protocols                 medr1-warmup
 ==========================  ====================================================  =====================
@@ -174,16 +175,19 @@ def _grpo(cfg, mode: str, adversarial: bool, noise: bool = False) -> Spec:
                 _grpo_run(train, recipe, **kw))
 
 
-def _r2(cfg, mode: str) -> Spec:
+def _r2(cfg, mode: str, seed: str | None = None) -> Spec:
+    """Stepwise / plain fine-tuning on the Med-R2 training cases; ``-s<k>``: training seed ``seed + k``
+    (same data and recipe; ``medr2.seeds`` of them are run)."""
     from . import medr2
 
     train_cases, _ = medr2.cases_for(cfg)
     items = medr2.training_items(train_cases, mode)
     recipe = cfg.medr2.ft
-    kw = dict(variant="nothink", image_size=cfg.data.image_size, seed=cfg.seed)
+    kw = dict(variant="nothink", image_size=cfg.data.image_size, seed=cfg.seed + int(seed or 0))
     texts = "\n".join(f"{it.question_id}|{it.question}|{it.options}|{it.answer}" for it in items)
     key = _sft_key("r2", items, recipe, r2_mode=mode, texts=runs.fingerprint(texts), **kw)
-    return Spec(f"r2-{mode}", key, "sft-nothink", _sft_run(items, recipe, **kw))
+    name = f"r2-{mode}" + (f"-s{seed}" if seed else "")
+    return Spec(name, key, "sft-nothink", _sft_run(items, recipe, **kw))
 
 
 def _medr1_warmup(cfg) -> Spec:
@@ -234,7 +238,7 @@ _PATTERNS = (
     (re.compile(r"atgrpo-(think|nothink)"), partial(_grpo, adversarial=True)),
     (re.compile(r"grponoise-(think|nothink)"), partial(_grpo, adversarial=False, noise=True)),
     (re.compile(r"atgrponoise-(think|nothink)"), partial(_grpo, adversarial=True, noise=True)),
-    (re.compile(r"r2-(stepwise|plain)"), _r2),
+    (re.compile(r"r2-(stepwise|plain)(?:-s([1-9][0-9]*))?"), _r2),
     (re.compile(r"medr1-(modality|question-type)-(sft|grpo)-([a-z0-9-]+)"),
      lambda cfg, by, method, g: _medr1_cell(cfg, by.replace("-", "_"), method, g)),
 )
@@ -254,7 +258,8 @@ def spec(name: str, cfg) -> Spec:
 def names(cfg) -> list[str]:
     """Every name the zoo knows on this profile (Med-R1's cells spelled out)."""
     out = ["base"] + [f"{k}-{m}" for k in ("sft", "sftat", "sftnoise", "grpo", "atgrpo", "grponoise", "atgrponoise") for m in MODES]
-    out += ["r2-stepwise", "r2-plain", "medr1-warmup"]
+    out += [f"r2-{m}" + (f"-s{k}" if k else "") for m in ("stepwise", "plain") for k in range(cfg.medr2.seeds)]
+    out += ["medr1-warmup"]
     for by in cfg.medr1.by:
         groups = (data.MODALITIES if by == "modality" else data.QUESTION_TYPES)
         out += [f"medr1-{by.replace('_', '-')}-{m}-{slug(g)}" for m in ("sft", "grpo") for g in groups]

@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs="+", required=True)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--binding", action="store_true", help="train with sft.nothink's auxiliary binding terms")
+    p.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="other fields of medr2.ft's recipe (e.g. train_vision=false weight_decay=0.3)")
     p.add_argument("--modes", nargs="+", default=["stepwise", "plain"])
     p.add_argument("--seed", type=int, default=0, help="the training run's seed (the split follows the profile)")
     p.add_argument("--threads", type=int, default=1)
@@ -45,12 +47,16 @@ def main(argv=None) -> int:
     fit, val = medr2.split_cases(train_cases, test_frac=0.2, seed=cfg.seed + 1)
     print(f"{len(fit)} fit cases, {len(val)} validation cases", flush=True)
     rows = []
+    import yaml
+
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.recipe)}
+    tail = "".join(f"-{k}{v}" for k, v in extra.items())
     for steps in args.steps:
         for mode in args.modes:
-            name = f"{mode}-steps{steps}-lr{args.lr:g}{'-binding' if args.binding else ''}-s{args.seed}"
+            name = f"{mode}-steps{steps}-lr{args.lr:g}{'-binding' if args.binding else ''}{tail}-s{args.seed}"
             run = args.out / name
-            recipe = cfg.medr2.ft.model_copy(update={
-                "steps": steps, "lr": args.lr, "binding": cfg.sft.nothink.binding if args.binding else None})
+            recipe = cfg.medr2.ft.model_validate({**cfg.medr2.ft.model_dump(), **extra, "steps": steps, "lr": args.lr,
+                                                  "binding": cfg.sft.nothink.binding if args.binding else None})
             model_dir = run / "model"
             if not (model_dir / "config.json").is_file():
                 vlm = zoo.load("sft-nothink", cfg)
@@ -65,6 +71,7 @@ def main(argv=None) -> int:
                 acc = res.groupby("stage", sort=False)["correct"].mean().mul(100).round(1)
                 for stage, a in acc.items():
                     rows.append({"run": name, "mode": mode, "steps": steps, "lr": args.lr, "binding": args.binding,
+                                 "recipe": " ".join(args.recipe),
                                  "seed": args.seed, "context": context, "stage": stage, "accuracy": a,
                                  "n_cases": len(val)})
                 print(name, context, acc.to_dict(), flush=True)

@@ -501,44 +501,53 @@ def test_chunks_keep_rows_aligned(bench):
     pd.testing.assert_frame_equal(whole, parts)
 
 
-def _summary(rows):
-    cols = ["acc_gold", "chain_accuracy", "slope", "flip_misleading_text", "flip_neutral", "gain_box_true",
-            "gain_hint_right", "flip_misleading_visual"]
-    return pd.DataFrame({m: dict(zip(cols, v)) for m, v in rows.items()}).T.rename_axis("model")
+def _res(model, n, stage_acc, conds=None, chain=None):
+    """Per-item rows of one model on ``n`` cases: gold-context clean items right on the first
+    ``stage_acc[k]`` % of cases at stage k; ``conds``: {cue: per-stage % right}; ``chain``: the chain's."""
+    def rows(cue, context, acc):
+        return [{"model": model, "cue": cue, "context": context, "case_id": f"c{i:03d}", "k": k,
+                 "stage": br.STAGES[k], "correct": i < round(n * a / 100)}
+                for k, a in enumerate(acc) for i in range(n)]
+    out = rows("clean", "gold", stage_acc) + rows("clean", "model", chain or stage_acc)
+    for cue, acc in (conds or {}).items():
+        out += rows(cue, "gold", acc)
+    return pd.DataFrame(out)
 
 
-def test_medr2_claims_verdicts_follow_the_fixed_tests():
-    summary = _summary({"m1": [60, 30, -10, 40, 20, 2, 5, 30], "m2": [50, 20, 5, 30, 10, 6, 1, 20],
-                        "r2-stepwise": [55, 25, -4, 10, 10, 0, 0, 10], "r2-plain": [45, 15, -6, 30, 10, 0, 0, 30],
-                        "chance": [25, 5, 9, 90, 0, 50, 0, 90]})  # below CLAIM_MIN_ACC: left out
-    flips = pd.DataFrame({"cue": ["hint_wrong", "hint_wrong", "hint_wrong"], "stage": ["all", "all", "modality"],
-                          "follow_rate": [40.0, 60.0, 99.0]})
-    c = {x["claim_id"]: x for x in br.medr2_claims(summary, flips)}
+def test_medr2_claims_decided_by_paired_tests_on_competent_models():
+    base = [100, 80, 80, 100]
+    conds = {"neutral": base, "hint_wrong": [100, 50, 50, 100], "context_wrong": base, "authority_wrong": base,
+             "box_true": base, "coords_true": base, "box_wrong": base}
+    res = pd.concat([
+        _res("m1", 60, base, conds, chain=[100, 70, 50, 40]),             # degrades, relies on hints
+        _res("m2", 60, base, {**conds, "hint_wrong": base, "box_true": [100, 100, 100, 100]}),  # uses the box
+        _res("weak", 60, [100, 20, 20, 100], conds, chain=[100, 10, 10, 10]),  # not competent: left out
+        _res("r2-stepwise", 60, base, {**conds, "hint_wrong": [100, 70, 70, 100]}),
+        _res("r2-plain", 60, base, {**conds, "hint_wrong": [100, 40, 40, 100]}),
+    ])
+    claims, tests = br.medr2_claims(res)
+    c = {x["claim_id"]: x for x in claims}
     assert set(c) == {"medr2.stage_degradation", "medr2.misleading_cues", "medr2.visual_cues", "medr2.stepwise_ft"}
-    assert c["medr2.stage_degradation"]["holds"] is True  # 3 of the 4 informative slopes are negative
-    assert c["medr2.stage_degradation"]["detail"].startswith("3/4 models")
-    assert "chance: 5% chain, slope +9.0" in c["medr2.stage_degradation"]["ours"]  # shown, but not counted
-    assert c["medr2.misleading_cues"]["holds"] is True  # mean 27.5 vs 12.5
-    assert "flip 27.5% of right answers (neutral sentence: 12.5%)" in c["medr2.misleading_cues"]["ours"]
-    assert "taken 50.0% of the time" in c["medr2.misleading_cues"]["ours"]  # the "all" rows only
-    assert c["medr2.visual_cues"]["holds"] is True and "+2.0 points" in c["medr2.visual_cues"]["ours"]
-    assert c["medr2.stepwise_ft"]["holds"] is True  # 10 vs 30
-    assert "stepwise 10.0% vs plain 30.0%" in c["medr2.stepwise_ft"]["ours"]
+    assert br.competent(res) == {"m1": True, "m2": True, "r2-plain": True, "r2-stepwise": True, "weak": False}
+    assert c["medr2.stage_degradation"]["holds"] is False  # only m1 of 4 competent models degrades
+    assert c["medr2.stage_degradation"]["detail"].startswith("1/4 degrade")
+    assert "weak" not in c["medr2.stage_degradation"]["ours"]
+    assert c["medr2.misleading_cues"]["holds"] is True  # m1, r2-stepwise and r2-plain of 4 (Holm p < .05)
+    mis = tests[(tests["test"] == "misleading_cues") & (tests["model"] == "m2")]
+    assert (mis["p_value"] == 1.0).all() and (mis["p_holm"] == 1.0).all()
+    assert c["medr2.visual_cues"]["holds"] is False  # m2 gains from the true box
+    s = tests[tests["test"] == "stepwise_ft"].iloc[0]
+    assert s["condition"] == "seed 0" and s["n"] == (60 + 48 + 48 + 60) * 4  # 4 misleading cues x right clean items
+    assert c["medr2.stepwise_ft"]["holds"] is True and "all seeds together" in c["medr2.stepwise_ft"]["ours"]
 
 
-def test_medr2_claims_cannot_tell_without_informative_models():
-    summary = _summary({"a": [25, 5, -9, 40, 10, 1, 0, 20], "r2-stepwise": [30, 5, -1, 10, 10, 0, 0, 10],
-                        "r2-plain": [20, 5, -1, 30, 10, 0, 0, 30]})
-    c = {x["claim_id"]: x for x in br.medr2_claims(summary)}
+def test_medr2_claims_cannot_tell_without_competent_models():
+    res = _res("weak", 20, [100, 20, 20, 100], {"neutral": [100, 20, 20, 100], "hint_wrong": [0, 0, 0, 0]})
+    claims, tests = br.medr2_claims(res)
+    c = {x["claim_id"]: x for x in claims}
     assert all(x["holds"] is None for x in c.values())
-    assert "flip 26.7% of right answers" in c["medr2.misleading_cues"]["ours"]  # numbers over all models
-    assert "taken nan%" in c["medr2.misleading_cues"]["ours"]  # no flip table given
-    summary.loc["r2-stepwise", "acc_gold"] = summary.loc["r2-plain", "acc_gold"] = 80
-    c = {x["claim_id"]: x for x in br.medr2_claims(summary)}
-    assert c["medr2.stepwise_ft"]["holds"] is True  # both fine-tuned models now count: 10 vs 30
-    assert "flip 20.0% of right answers (neutral sentence: 10.0%)" in c["medr2.misleading_cues"]["ours"]
-    del summary["flip_misleading_visual"], summary["flip_misleading_text"]
-    c = {x["claim_id"]: x for x in br.medr2_claims(summary.drop(index="r2-plain"))}
-    assert c["medr2.stepwise_ft"] == dict(claim_id="medr2.stepwise_ft", ours="stepwise / plain models not evaluated",
-                                          holds=None, detail="same start model, images and steps")
-    assert c["medr2.misleading_cues"]["holds"] is None  # no misleading-cue flip rates
+    assert c["medr2.stepwise_ft"]["ours"] == "stepwise / plain models not evaluated"
+    assert not tests["competent"].any()
+    pair = pd.concat([_res("r2-stepwise-s1", 20, [100, 20, 20, 100]), _res("r2-plain-s1", 20, [100, 90, 90, 100])])
+    c = {x["claim_id"]: x for x in br.medr2_claims(pair)[0]}
+    assert c["medr2.stepwise_ft"]["holds"] is None and "not competent" in c["medr2.stepwise_ft"]["ours"]

@@ -20,22 +20,37 @@ def save_cases(cfg, test_cases) -> None:
                         os.path.commonpath([c.image_path for c in test_cases]))
 
 
+def r2_names(cfg) -> list[str]:
+    """The stepwise and plain models of every training seed (``medr2.seeds``), seed by seed."""
+    return [f"r2-{mode}" + (f"-s{k}" if k else "") for k in range(cfg.medr2.seeds) for mode in bench.TRAIN_MODES]
+
+
 def finetune(cfg) -> pd.DataFrame:
-    """Stepwise and plain fine-tuning from SFT-nothink (zoo ``r2-stepwise``, ``r2-plain``); their sizes and times."""
+    """Stepwise and plain fine-tuning from SFT-nothink for every seed (zoo ``r2-stepwise[-s<k>]``,
+    ``r2-plain[-s<k>]``), the plain models in a second process (``medr2.background``); their sizes and times."""
+    t0 = time.perf_counter()
+    names = r2_names(cfg)
+    zoo.ensure("sft-nothink", cfg)
+    plain = [n for n in names if n.startswith("r2-plain")]
+    job = zoo.background(plain, cfg) if cfg.medr2.background and plain else None
+    for n in names:
+        if job is None or n not in plain:
+            zoo.ensure(n, cfg)
+    if job is not None:
+        job.result()
     rows = []
-    for mode in bench.TRAIN_MODES:
-        t0 = time.perf_counter()
-        zoo.ensure(f"r2-{mode}", cfg)
-        run = sft.read_run(zoo.run_dir(f"r2-{mode}", cfg) / "train")
-        rows.append({"model": f"r2-{mode}", "items": run["n_train"], "steps": run["steps"],
-                     "training seconds": run["seconds"], "this call seconds": round(time.perf_counter() - t0, 1)})
+    for n in names:
+        run = sft.read_run(zoo.run_dir(n, cfg) / "train")
+        rows.append({"model": n, "seed": run["seed"], "items": run["n_train"], "steps": run["steps"],
+                     "training seconds": run["seconds"]})
+    print(f"this call: {time.perf_counter() - t0:.0f} s")
     return pd.DataFrame(rows).set_index("model")
 
 
 def models(cfg) -> tuple[list[str], list[str]]:
-    """(models to run, models skipped): ``medr2.models`` then the two fine-tuned ones; SFT and the
+    """(models to run, models skipped): ``medr2.models`` then the fine-tuned ones; SFT and the
     fine-tuned models train if missing, other names run only when the zoo already has them."""
-    names = list(dict.fromkeys([*cfg.medr2.models, *(f"r2-{m}" for m in bench.TRAIN_MODES)]))
+    names = list(dict.fromkeys([*cfg.medr2.models, *r2_names(cfg)]))
     keep = [n for n in names if n.startswith(("sft-", "r2-")) or zoo.is_trained(n, cfg)]
     return keep, [n for n in names if n not in keep]
 
@@ -157,7 +172,7 @@ def finetune_tables(res: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
     chain_cond_table = chain_cond.pivot_table(index="condition", columns="model", values="chain_accuracy",
                                               sort=False).round(1)
     summary = bench.summary_table(res).round(1)
-    ft = summary.loc[[m for m in ["sft-nothink", "r2-plain", "r2-stepwise"] if m in summary.index]]
+    ft = summary.loc[[m for m in summary.index if m == "sft-nothink" or m.startswith("r2-")]]
     return chain_cond_table, summary, ft[[c for c in FT_COLUMNS if c in ft.columns]]
 
 

@@ -204,8 +204,13 @@ def cases_for(cfg) -> tuple[list[StepwiseCase], list[StepwiseCase]]:
     embedded benchmark of ``medr2.n_images`` images (0: ``data.n_images``)."""
     m = cfg.medr2
     n = m.n_images or cfg.data.n_images
-    # the profile's own benchmark when it is the same size, else a folder of its own (never regenerate
-    # the benchmark the other notebooks read in place)
-    folder = cfg.bench_dir if n == cfg.data.n_images else cfg.bench_dir.with_name(f"{cfg.bench_dir.name}-medr2-{n}")
-    return benchmark_cases(folder, n, cfg.data.image_size, cfg.seed, stepwise_json=m.stepwise_json,
+    if n == cfg.data.n_images:  # the profile's own benchmark, split as the other notebooks split it
+        folder, seed = cfg.bench_dir, cfg.seed
+    else:
+        # a folder of its own (never regenerate the benchmark the other notebooks read in place), drawn
+        # with another seed: image i's scene comes from a generator seeded with (seed, i), so with the
+        # profile's seed its first images would be the profile's, some of its test images ones the models
+        # trained on
+        folder, seed = cfg.bench_dir.with_name(f"{cfg.bench_dir.name}-medr2-{n}"), cfg.seed + 1
+    return benchmark_cases(folder, n, cfg.data.image_size, seed, stepwise_json=m.stepwise_json,
                            image_root=m.image_root, test_frac=cfg.data.test_frac)
