@@ -80,20 +80,14 @@ def tests_table(res: pd.DataFrame, min_acc: float = CLAIM_MIN_ACC) -> pd.DataFra
             b = chain[chain["k"] == last].set_index("case_id")["correct"].reindex(a.index)
             rows.append({"test": "stage_degradation", "model": m, "condition": "chain: last vs first stage",
                          "slope": float(stage_degradation(chain).loc[0, "slope"]), **_paired(a, b.fillna(False))})
-        neutral = _items(res, m, "neutral")
-        for cue in MISLEADING_TEXT:
-            cued = _items(res, m, cue)
-            common = neutral.index.intersection(cued.index)
-            if len(common):
-                rows.append({"test": "misleading_cues", "model": m, "condition": f"{cue} vs neutral",
-                             **_paired(neutral[common], cued[common])})
-        clean = _items(res, m, "clean")
-        for cue in TRUE_VISUAL:
-            cued = _items(res, m, cue)
-            common = clean.index.intersection(cued.index)
-            if len(common):
-                rows.append({"test": "visual_cues", "model": m, "condition": f"{cue} vs clean",
-                             **_paired(clean[common], cued[common])})
+        for test, against, cues in (("misleading_cues", "neutral", MISLEADING_TEXT), ("visual_cues", "clean", TRUE_VISUAL)):
+            ref = _items(res, m, against)
+            for cue in cues:
+                cued = _items(res, m, cue)
+                common = ref.index.intersection(cued.index)
+                if len(common):
+                    rows.append({"test": test, "model": m, "condition": f"{cue} vs {against}",
+                                 **_paired(ref[common], cued[common])})
     for label, step, plain in _seed_pairs(models):
         flips = {}
         for name in (step, plain):
