@@ -338,7 +338,7 @@ class MedR2(Block):
     ft: SFTRecipe = SFTRecipe(steps=1500, lr=1e-3, batch_size=16, train_vision=False,
                               binding=Binding(content=1.0, scene=1.0))
     seeds: PosInt = 1                  # training seeds of each (zoo r2-<mode>, r2-<mode>-s1, ...)
-    background: bool = True            # the plain models train in a second process (false on one GPU)
+    background: bool = True            # plain models train, every other model runs, in a second process (false on one GPU)
     fast_path: bool = True             # answer-only models: letter log-probs instead of generation
     batch_size: PosInt = 32
     max_new_tokens: PosInt = 96

@@ -8,14 +8,15 @@ stage; the verdicts read only competent models, and with none they are None ("ca
 - *stage degradation*: a competent model degrades when its chain (own earlier answers) is less often
   right at the last stage than at the first, paired over cases (exact McNemar, p < ``alpha``), and
   its least-squares slope over the stages is negative; holds when most competent models degrade.
-- *reliance on prompts*: a model relies on the prompt when some misleading text cue leaves it wrong
+- *reliance on prompts*: a model relies on the prompt when some misleading text cue (a wrong hint,
+  context or authority; boxes and coordinates are the visual cues) leaves it wrong
   more often than the neutral sentence does on the same items (exact McNemar, Holm over the cues,
   p < ``alpha``); holds when most competent models do.
 - *visual cues not used*: a model uses a visual cue when a true box or true coordinates make it
   right more often than the clean question (exact McNemar, p < ``alpha``); holds when no competent
   model does.
 - *stepwise fine-tuning is more robust*: for each training seed, ``r2-stepwise[-s<k>]`` against
-  ``r2-plain[-s<k>]`` on the misleading cues' items (text cues and the wrong box) right for both
+  ``r2-plain[-s<k>]`` on the misleading cues' items (text, wrong box, wrong coordinates) right for both
   models without a cue: the items each model flips to wrong (exact McNemar); holds when stepwise
   flips fewer in every seed and the test over all seeds together has p < ``alpha``.
 """
@@ -27,13 +28,11 @@ import pandas as pd
 from statsmodels.stats.multitest import multipletests
 
 from ..evaluate import mcnemar_p
-from .cues import CUES
+from .cues import MISLEADING_TEXT, MISLEADING_VISUAL, TRUE_VISUAL
 from .metrics import _need, stage_degradation
 
 CLAIM_MIN_ACC = 35.0  # gold-context accuracy (%) a model needs at every stage to count (chance 25%)
 ALPHA = 0.05
-MISLEADING_TEXT = tuple(c.name for c in CUES.values() if c.misleading and c.kind == "text")
-TRUE_VISUAL = ("box_true", "coords_true")
 
 
 def _paired(a: pd.Series, b: pd.Series) -> dict:
@@ -92,7 +91,7 @@ def tests_table(res: pd.DataFrame, min_acc: float = CLAIM_MIN_ACC) -> pd.DataFra
         flips = {}
         for name in (step, plain):
             clean = _items(res, name, "clean")
-            for cue in (*MISLEADING_TEXT, "box_wrong"):
+            for cue in (*MISLEADING_TEXT, *MISLEADING_VISUAL):
                 cued = _items(res, name, cue)
                 flips.setdefault(name, []).append(
                     pd.DataFrame({"right": clean.reindex(cued.index), "cued": cued}).assign(cue=cue))
@@ -165,6 +164,6 @@ def medr2_claims(res: pd.DataFrame, min_acc: float = CLAIM_MIN_ACC, alpha: float
                           f"(p = {r.p_value:.2g}, {r.n} items)" for r in s.itertuples())
                 + f"; all seeds together p = {pooled:.2g}")
     claims.append(dict(claim_id="medr2.stepwise_ft", holds=holds, ours=ours,
-                       detail="misleading text cues and the wrong box, items right for both models without a cue; "
+                       detail="misleading text cues, wrong box and wrong coordinates, items right for both models without a cue; "
                               "same start model, images, recipe and steps per seed"))
     return claims, t

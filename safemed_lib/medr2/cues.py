@@ -202,6 +202,13 @@ CUES: dict[str, Cue] = {c.name: c for c in (
 )}
 
 
+# Med-R2's grouping of the cues (``Cue.kind`` is the channel: coordinates reach the model as text
+# but, like boxes, they point at the image)
+MISLEADING_TEXT = ("hint_wrong", "context_wrong", "authority_wrong")
+MISLEADING_VISUAL = ("box_wrong", "coords_wrong")
+TRUE_VISUAL = ("box_true", "coords_true")
+
+
 def get_cue(cue: str | Cue | None) -> Cue | None:
     if cue is None or isinstance(cue, Cue):
         return cue

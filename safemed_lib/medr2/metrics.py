@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..evaluate import mcnemar_p
-from .cues import CUES
+from .cues import CUES, MISLEADING_TEXT, MISLEADING_VISUAL
 
 
 def _by(by) -> list[str]:
@@ -160,7 +160,7 @@ def summary_table(res: pd.DataFrame, by: str | Sequence[str] = "model") -> pd.Da
     accuracy over stages, points per stage); ``acc_none`` / ``acc_gold``: mean stage accuracy asked
     alone / after the gold answers; ``flip_<cue>``: flip rate of each cue and of each attack label
     (over all stages, gold context); ``flip_misleading_text`` / ``flip_misleading_visual``: the mean
-    flip rate of the misleading text cues / of ``box_wrong``; ``gain_<cue>``: accuracy change for the
+    flip rate of the misleading text cues / of the wrong box and coordinates (``cues.MISLEADING_*``); ``gain_<cue>``: accuracy change for the
     helpful cues (hint_right, box_true, coords_true)."""
     by = _by(by)
     _need(res, [*by, "cue", "context", "case_id", "k", "stage", "correct"], "summary_table")
@@ -191,12 +191,10 @@ def summary_table(res: pd.DataFrame, by: str | Sequence[str] = "model") -> pd.Da
             if r["cue"] in CUES and not CUES[r["cue"]].misleading and r["cue"] != "neutral":
                 row[f"gain_{r['cue']}"] = r["delta"]
         for key, row in out.items():
-            text = [row[f"flip_{c.name}"] for c in CUES.values()
-                    if c.misleading and c.kind == "text" and f"flip_{c.name}" in row]
-            if text:
-                row["flip_misleading_text"] = float(np.mean(text))
-            if "flip_box_wrong" in row:
-                row["flip_misleading_visual"] = row["flip_box_wrong"]
+            for group, names in (("text", MISLEADING_TEXT), ("visual", MISLEADING_VISUAL)):
+                vals = [row[f"flip_{c}"] for c in names if f"flip_{c}" in row]
+                if vals:
+                    row[f"flip_misleading_{group}"] = float(np.mean(vals))
     index = (pd.Index([k[0] for k in out], name=by[0]) if len(by) == 1
              else pd.MultiIndex.from_tuples(list(out), names=by))
     return pd.DataFrame(list(out.values()), index=index)
