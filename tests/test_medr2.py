@@ -539,6 +539,10 @@ def test_medr2_claims_decided_by_paired_tests_on_competent_models():
     s = tests[tests["test"] == "stepwise_ft"].iloc[0]
     assert s["condition"] == "seed 0" and s["n"] == (60 + 48 + 48 + 60) * 4  # 4 misleading cues x right clean items
     assert c["medr2.stepwise_ft"]["holds"] is True and "all seeds together" in c["medr2.stepwise_ft"]["ours"]
+    vs = br.against_neutral(res).set_index(["model", "cue"])
+    assert set(vs.loc["m1"].index) == set(conds) - {"neutral"}
+    assert vs.loc[("m1", "hint_wrong"), "delta"] == pytest.approx(-15.0) and vs.loc[("m1", "hint_wrong"), "p_value"] < 1e-6
+    assert vs.loc[("m1", "box_true"), "p_value"] == 1.0
 
 
 def test_medr2_claims_cannot_tell_without_competent_models():

@@ -113,7 +113,7 @@ from .cues import (BOX_COLOUR, BOX_NOTE, CUES, NEUTRAL_NOTE, Cue, authority_wron
 from .run import evaluate_stage_items, run_stepwise, run_suite
 from .metrics import (chain_accuracy, conditional_accuracy, flip_rates, stage_accuracy, stage_degradation,
                       summary_table)
-from .claims import CLAIM_MIN_ACC, competent, medr2_claims, tests_table
+from .claims import CLAIM_MIN_ACC, against_neutral, competent, medr2_claims, tests_table
 from .train import TRAIN_MODES, training_items
 
 __all__ = [
@@ -135,7 +135,7 @@ __all__ = [
     "chain_accuracy", "conditional_accuracy", "flip_rates", "stage_accuracy", "stage_degradation",
     "summary_table",
     # claims
-    "CLAIM_MIN_ACC", "competent", "medr2_claims", "tests_table",
+    "CLAIM_MIN_ACC", "against_neutral", "competent", "medr2_claims", "tests_table",
     # train
     "TRAIN_MODES", "training_items",
 ]

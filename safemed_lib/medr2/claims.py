@@ -65,6 +65,24 @@ def _seed_pairs(models) -> list[tuple[str, str, str]]:
     return sorted(out)
 
 
+def against_neutral(res: pd.DataFrame) -> pd.DataFrame:
+    """Every cue against the neutral sentence, per model (gold context, same items; exact McNemar):
+    columns model, cue, n, acc_neutral, acc_cue, delta (points), p_value."""
+    rows = []
+    for m in dict.fromkeys(res["model"]):
+        ref = _items(res, m, "neutral")
+        for cue in dict.fromkeys(res.loc[(res["model"] == m) & (res["context"] == "gold"), "cue"]):
+            if cue in ("clean", "neutral"):
+                continue
+            cued = _items(res, m, cue)
+            common = ref.index.intersection(cued.index)
+            if len(common):
+                t = _paired(ref[common], cued[common])
+                rows.append({"model": m, "cue": cue, "n": t["n"], "acc_neutral": t["acc_a"], "acc_cue": t["acc_b"],
+                             "delta": t["acc_b"] - t["acc_a"], "p_value": t["p_value"]})
+    return pd.DataFrame(rows)
+
+
 def tests_table(res: pd.DataFrame, min_acc: float = CLAIM_MIN_ACC) -> pd.DataFrame:
     """Every paired test the claims read: one row per (test, model, condition)."""
     _need(res, ["model", "cue", "context", "case_id", "k", "stage", "correct"], "medr2 claims")
