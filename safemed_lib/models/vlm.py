@@ -396,6 +396,5 @@ class VLM:
 
 
 def vision_tower(vlm) -> torch.nn.Module:
-    """The vision encoder (patch embedding, blocks and the merger into the language model's width)
-    of a Qwen2-VL / Qwen2.5-VL ``VLM``."""
+    """The vision encoder (patch embedding, blocks, merger) of a Qwen2-VL / Qwen2.5-VL ``VLM``."""
     return vlm.model.model.visual
