@@ -255,11 +255,15 @@ def spec(name: str, cfg) -> Spec:
     raise KeyError(f"unknown model {name!r}: expected a checkpoint directory or one of {', '.join(names(cfg))}")
 
 
+def r2_names(cfg) -> list[str]:
+    """The stepwise and plain fine-tuned models of every training seed (``medr2.seeds``), seed by seed."""
+    return [f"r2-{mode}" + (f"-s{k}" if k else "") for k in range(cfg.medr2.seeds) for mode in ("stepwise", "plain")]
+
+
 def names(cfg) -> list[str]:
     """Every name the zoo knows on this profile (Med-R1's cells spelled out)."""
     out = ["base"] + [f"{k}-{m}" for k in ("sft", "sftat", "sftnoise", "grpo", "atgrpo", "grponoise", "atgrponoise") for m in MODES]
-    out += [f"r2-{m}" + (f"-s{k}" if k else "") for m in ("stepwise", "plain") for k in range(cfg.medr2.seeds)]
-    out += ["medr1-warmup"]
+    out += r2_names(cfg) + ["medr1-warmup"]
     for by in cfg.medr1.by:
         groups = (data.MODALITIES if by == "modality" else data.QUESTION_TYPES)
         out += [f"medr1-{by.replace('_', '-')}-{m}-{slug(g)}" for m in ("sft", "grpo") for g in groups]

@@ -20,16 +20,11 @@ def save_cases(cfg, test_cases) -> None:
                         os.path.commonpath([c.image_path for c in test_cases]))
 
 
-def r2_names(cfg) -> list[str]:
-    """The stepwise and plain models of every training seed (``medr2.seeds``), seed by seed."""
-    return [f"r2-{mode}" + (f"-s{k}" if k else "") for k in range(cfg.medr2.seeds) for mode in bench.TRAIN_MODES]
-
-
 def finetune(cfg) -> pd.DataFrame:
     """Stepwise and plain fine-tuning from SFT-nothink for every seed (zoo ``r2-stepwise[-s<k>]``,
     ``r2-plain[-s<k>]``), the plain models in a second process (``medr2.background``); their sizes and times."""
     t0 = time.perf_counter()
-    names = r2_names(cfg)
+    names = zoo.r2_names(cfg)
     zoo.ensure("sft-nothink", cfg)
     plain = [n for n in names if n.startswith("r2-plain")]
     job = zoo.background(plain, cfg) if cfg.medr2.background and plain else None
@@ -50,7 +45,7 @@ def finetune(cfg) -> pd.DataFrame:
 def models(cfg) -> tuple[list[str], list[str]]:
     """(models to run, models skipped): ``medr2.models`` then the fine-tuned ones; SFT and the
     fine-tuned models train if missing, other names run only when the zoo already has them."""
-    names = list(dict.fromkeys([*cfg.medr2.models, *r2_names(cfg)]))
+    names = list(dict.fromkeys([*cfg.medr2.models, *zoo.r2_names(cfg)]))
     keep = [n for n in names if n.startswith(("sft-", "r2-")) or zoo.is_trained(n, cfg)]
     return keep, [n for n in names if n not in keep]
 
