@@ -93,11 +93,14 @@ class SFTRecipe(Block):
     train_vision: bool = True        # train the vision tower too (False: it stays as pretraining left it)
     binding: Binding | None = None   # auxiliary terms (answer-only only); None: none; true: the defaults
     noise_sigma: NonNeg = 0.0        # std of Gaussian noise added to every training image, pixels in [0, 1] (0: none)
+    format_only: bool = False        # teach the completion's form only: answer letters unscored, think targets
+                                     # with one fixed rationale (a base that knows the format, not the task)
     threads: PosInt | None = None    # torch threads while training (None: the profile's); not part of the cache key
 
     def key(self) -> dict:
-        """The fields that identify a run: ``threads`` aside, ``noise_sigma`` only when set."""
-        return self.model_dump(exclude={"threads"} | (set() if self.noise_sigma else {"noise_sigma"}))
+        """The fields that identify a run: ``threads`` aside, ``noise_sigma`` and ``format_only`` only when set."""
+        unset = {k for k in ("noise_sigma", "format_only") if not getattr(self, k)}
+        return self.model_dump(exclude={"threads"} | unset)
 
     @field_validator("binding", mode="before")
     @classmethod
@@ -235,6 +238,7 @@ class Warmup(Block):
     steps: Count = 800        # 0: the base itself (as with a pretrained checkpoint)
     lr: NonNeg = 3e-3
     batch_size: PosInt = 16
+    format_only: bool = False # teach the answer format only, never an answer (SFTRecipe.format_only)
 
 
 class MedR1(Block):
@@ -334,8 +338,9 @@ class MedR2(Block):
     pgd_steps: Count = 5               # 0: no PGD conditions
     pgd_cues: list[str | None] = [None, "box_true"]   # cues combined with PGD (None: PGD alone)
     # stepwise and plain fine-tuning from SFT-nothink: the tower fixed (cached image embeddings) and the
-    # answer-only SFT's binding terms, which the long options of localization / finding need
-    ft: SFTRecipe = SFTRecipe(steps=1500, lr=1e-3, batch_size=16, train_vision=False,
+    # answer-only SFT's binding terms, which the long options of localization / finding need; steps and
+    # lr (peak of the cosine schedule) chosen on validation cases (scripts/r2_budget.py)
+    ft: SFTRecipe = SFTRecipe(steps=1500, lr=2e-3, batch_size=16, train_vision=False,
                               binding=Binding(content=1.0, scene=1.0))
     seeds: PosInt = 1                  # training seeds of each (zoo r2-<mode>, r2-<mode>-s1, ...)
     background: bool = True            # plain models train, every other model runs, in a second process (false on one GPU)

@@ -37,7 +37,7 @@ from transformers import get_cosine_schedule_with_warmup
 from . import binding, data, models
 from .records import atomic_write_text
 from .sft_perturb import ADV_DEFAULTS, adversarial_images, adversarial_settings, noisy  # noqa: F401
-from .targets import TARGET_FORMAT, VARIANTS, scenes_for, sft_targets, shuffle_options
+from .targets import TARGET_FORMAT, VARIANTS, format_target, scenes_for, sft_targets, shuffle_options
 
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
 RUN_FILE = "run.json"  # a finished run's settings, final model folder and seconds
@@ -67,6 +67,10 @@ def run_settings(variant: str, train_items: Sequence[data.VQAItem], recipe, *, i
            "binding_aux": aux, "adversarial": adversarial_settings(adversarial), "tag": tag}
     if recipe.noise_sigma:
         out["noise_sigma"] = float(recipe.noise_sigma)
+    if recipe.format_only:
+        if aux is not None:
+            raise ValueError("format_only leaves the answer unscored; the binding terms supervise it (set binding: null)")
+        out["format_only"] = True
     return out
 
 
@@ -164,9 +168,9 @@ def _resume(vlm, out_dir: Path, settings: dict, steps: int):
                            attn_implementation=vlm.model.config._attn_implementation), state
 
 
-def _scenes(items: list, variant: str, aux: dict | None) -> list:
+def _scenes(items: list, variant: str, aux: dict | None, format_only: bool = False) -> list:
     """The scene of every item where the targets or the scene term need one, else Nones."""
-    if variant == "think":
+    if variant == "think" and not format_only:
         return scenes_for(items)
     if aux is not None and aux["scene"] > 0:
         return scenes_for(items, "binding's scene term needs the embedded benchmark's scene metadata "
@@ -202,13 +206,15 @@ def _optimizer(params, recipe, state: dict | None):
     return optimizer, scheduler
 
 
-def _batch(items: list, scenes: list, variant: str, batch_size: int, step: int, seed: int):
+def _batch(items: list, scenes: list, variant: str, batch_size: int, step: int, seed: int,
+           format_only: bool = False):
     """0-based ``step``'s questions (each with a fresh option order seeded by (seed, step)), their
-    targets and their positions in ``items``."""
+    targets (``targets.format_target``'s with ``format_only``) and their positions in ``items``."""
     idx = batch_indices(len(items), batch_size, step, seed)
     rng = random.Random(f"{seed}:{step}")
     batch = [shuffle_options(items[i], rng) for i in idx]
-    targets = [sft_targets(it, scenes[i], variant) for it, i in zip(batch, idx)]
+    targets = [format_target(it, variant, rng) if format_only else sft_targets(it, scenes[i], variant)
+               for it, i in zip(batch, idx)]
     return batch, targets, idx
 
 
@@ -282,7 +288,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
     settings = run_settings(variant, items, recipe, image_size=image_size, seed=seed, adversarial=adversarial,
                             tag=tag)
     aux, adv = settings["binding_aux"], settings["adversarial"]
-    scenes = _scenes(items, variant, aux)
+    scenes = _scenes(items, variant, aux, recipe.format_only)
     vlm, state = _resume(vlm, out_dir, settings, recipe.steps)
     models.master_weights(vlm.model)  # fp32 master weights: bf16 would round most updates away
     step, seconds = (state["step"], state["seconds"]) if state else (0, 0.0)
@@ -297,11 +303,12 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
     optimizer, scheduler = _optimizer(params, recipe, state)
     logs = _Logs(out_dir, step, log_every, heads is not None)
     # A fixed vision tower gives every image the same embeddings at every step: compute each once.
+    skip = vlm.letter_token_ids(5) if recipe.format_only else ()  # the form is taught, never the answer
     embed_cache = {} if not recipe.train_vision and adv is None and not recipe.noise_sigma else None
     vlm.model.train()
     while step < recipe.steps:
         t0 = time.perf_counter()
-        batch, targets, idx = _batch(items, scenes, variant, recipe.batch_size, step, seed)
+        batch, targets, idx = _batch(items, scenes, variant, recipe.batch_size, step, seed, recipe.format_only)
         images = (data.load_images(batch, size=image_size, cached=True) if embed_cache is None
                   else cached_image_embeds(vlm, batch, image_size, embed_cache))
         with models.autocast(vlm.device):  # bf16 compute on CUDA; a no-op on the CPU
@@ -314,7 +321,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
                 gen = torch.Generator(device=vlm.device).manual_seed(seed * 1_000_033 + step)
                 images = noisy(images.to(vlm.device), recipe.noise_sigma, gen)
             extras = {} if heads is not None else None
-            loss = vlm.sequence_nll(images, batch, targets, prompt=variant, extras=extras).mean()
+            loss = vlm.sequence_nll(images, batch, targets, prompt=variant, extras=extras, skip_tokens=skip).mean()
             total, parts = loss, None
             if heads is not None:
                 aux_loss, parts = binding.binding_loss(vlm, heads, aux, extras, batch, variant,

@@ -39,6 +39,20 @@ def sft_targets(item: data.VQAItem, scene: dict | None, variant: str) -> str:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
+# The one rationale of a format-only warm-up (``SFTRecipe.format_only``): it says nothing about any image.
+FORMAT_RATIONALE = "I look at the image and weigh each option before I answer."
+
+
+def format_target(item: data.VQAItem, variant: str, rng: random.Random) -> str:
+    """A format-only warm-up's completion for ``item``: the canonical form with ``FORMAT_RATIONALE``
+    (think) and a letter drawn by ``rng`` among the item's options, whatever its answer; training does
+    not score the letter, and the tokens after it are conditioned on a letter that says nothing."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    letter = rng.choice(prompts.LETTERS[:len(item.options)])
+    return prompts.format_completion(letter, variant, FORMAT_RATIONALE if variant == "think" else None)
+
+
 def think_rationale(item: data.VQAItem, scene: dict) -> str:
     """SFT-think's rationale: ``synth.rationale`` (the evidence, then the answer) followed by
     ``prompts.option_check`` (every option judged, in the prompt's order)."""

@@ -199,7 +199,7 @@ def _medr1_warmup(cfg) -> Spec:
 
     train, _ = dataset.splits(cfg)
     items = evaluate.subset(train, w.items, seed=cfg.seed)
-    recipe = SFTRecipe(steps=w.steps, lr=w.lr, batch_size=w.batch_size)
+    recipe = SFTRecipe(steps=w.steps, lr=w.lr, batch_size=w.batch_size, format_only=w.format_only)
     kw = dict(variant=mode, image_size=cfg.data.image_size, seed=cfg.seed)
     return Spec("medr1-warmup", _sft_key("medr1-warmup", items, recipe, **kw), "base",
                 _sft_run(items, recipe, log_every=max(1, w.steps // 10), save_every=max(1, w.steps // 2), **kw))

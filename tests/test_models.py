@@ -332,3 +332,22 @@ def test_zoo_loads_with_the_profiles_attention_implementation(saved):
 
     cfg = config.load("smoke", {"model.attn_implementation": "eager", "data.image_size": 56})
     assert zoo.load(saved, cfg).model.config._attn_implementation == "eager"
+
+
+def test_sequence_nll_skips_the_given_tokens(vlm):
+    x = images(3, seed=7)
+    targets = [prompts.format_completion(it.answer, "nothink") for it in ITEMS]
+    letters = vlm.letter_token_ids(5)
+    ids = [vlm._target_ids(t, True) for t in targets]
+    total = vlm.sequence_nll(x, ITEMS, targets, reduction="sum").detach()
+    kept = vlm.sequence_nll(x, ITEMS, targets, reduction="sum", skip_tokens=letters).detach()
+    with torch.no_grad():  # the letter's own NLL is what the skip removes: -log p(letter | "<answer>")
+        lp = vlm.option_logprobs(x, ITEMS, prompt="nothink")
+    letter_nll = torch.stack([-lp[b][prompts.LETTERS.index(it.answer)] for b, it in enumerate(ITEMS)])
+    assert torch.allclose(total - kept, letter_nll, atol=1e-4)
+    mean = vlm.sequence_nll(x, ITEMS, targets, skip_tokens=letters).detach()
+    n = torch.tensor([len(i) - sum(t in letters for t in i) for i in ids], dtype=torch.float)
+    assert all(sum(t in letters for t in i) == 1 for i in ids)
+    assert torch.allclose(mean, kept / n, atol=1e-5)
+    with pytest.raises(ValueError, match="no scored token"):
+        vlm.sequence_nll(x, ITEMS, [" A"] * 3, add_eos=False, skip_tokens=[vlm._target_ids(" A", False)[0]])

@@ -238,7 +238,8 @@ class VLM:
 
     # ----------------------------------------------------------------- scoring
     def sequence_nll(self, images, items: Sequence[Any], targets: Sequence[str], prompt: str = "nothink",
-                     reduction: str = "mean", add_eos: bool = True, extras: dict | None = None) -> torch.Tensor:
+                     reduction: str = "mean", add_eos: bool = True, extras: dict | None = None,
+                     skip_tokens: Sequence[int] = ()) -> torch.Tensor:
         """Teacher-forced negative log-likelihood of each target completion, shape (B,).
 
         The target is tokenized on its own (as the model would emit it after the assistant header)
@@ -248,6 +249,8 @@ class VLM:
         ``extras``: a dict that receives the model's outputs with hidden states and attention weights
         (``outputs``; attention weights need eager attention), the ``inputs`` and each row's target
         length (``lengths``), for auxiliary losses (``binding.binding_loss``).
+        ``skip_tokens``: token ids that are not scored where a target has them (a format-only warm-up
+        skips the answer letters, so the model learns the completion's form and never an answer).
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -267,6 +270,10 @@ class VLM:
         labels = inputs["input_ids"][:, -K:]
         steps = torch.arange(K, device=labels.device)
         tmask = (steps[None, :] >= (K - torch.tensor(lengths, device=labels.device))[:, None]).float()
+        if len(skip_tokens):
+            tmask = tmask * ~torch.isin(labels, torch.tensor(list(skip_tokens), device=labels.device))
+            if (tmask.sum(-1) == 0).any():
+                raise ValueError("skip_tokens leaves a target with no scored token")
         nll = -torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
         total = (nll * tmask).sum(-1)
         return total / tmask.sum(-1) if reduction == "mean" else total
