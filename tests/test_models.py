@@ -334,20 +334,22 @@ def test_zoo_loads_with_the_profiles_attention_implementation(saved):
     assert zoo.load(saved, cfg).model.config._attn_implementation == "eager"
 
 
-def test_sequence_nll_skips_the_given_tokens(vlm):
+def test_sequence_nll_scores_a_set_of_tokens_as_one(vlm):
     x = images(3, seed=7)
     targets = [prompts.format_completion(it.answer, "nothink") for it in ITEMS]
-    letters = vlm.letter_token_ids(5)
-    ids = [vlm._target_ids(t, True) for t in targets]
+    sets = [vlm.letter_token_ids(len(it.options)) for it in ITEMS]
     total = vlm.sequence_nll(x, ITEMS, targets, reduction="sum").detach()
-    kept = vlm.sequence_nll(x, ITEMS, targets, reduction="sum", skip_tokens=letters).detach()
-    with torch.no_grad():  # the letter's own NLL is what the skip removes: -log p(letter | "<answer>")
+    anyof = vlm.sequence_nll(x, ITEMS, targets, reduction="sum", any_of=sets).detach()
+    with torch.no_grad():  # the letter's term -log p(letter | "<answer>") becomes -log p(any option letter)
         lp = vlm.option_logprobs(x, ITEMS, prompt="nothink")
-    letter_nll = torch.stack([-lp[b][prompts.LETTERS.index(it.answer)] for b, it in enumerate(ITEMS)])
-    assert torch.allclose(total - kept, letter_nll, atol=1e-4)
-    mean = vlm.sequence_nll(x, ITEMS, targets, skip_tokens=letters).detach()
-    n = torch.tensor([len(i) - sum(t in letters for t in i) for i in ids], dtype=torch.float)
-    assert all(sum(t in letters for t in i) == 1 for i in ids)
-    assert torch.allclose(mean, kept / n, atol=1e-5)
-    with pytest.raises(ValueError, match="no scored token"):
-        vlm.sequence_nll(x, ITEMS, [" A"] * 3, add_eos=False, skip_tokens=[vlm._target_ids(" A", False)[0]])
+    letter = torch.stack([-lp[b][prompts.LETTERS.index(it.answer)] for b, it in enumerate(ITEMS)])
+    any_letter = torch.stack([-torch.logsumexp(lp[b], 0) for b in range(3)])
+    assert torch.allclose(total - anyof, letter - any_letter, atol=1e-4) and (anyof < total).all()
+    # which letter the target names does not matter (up to the letter: later tokens are conditioned on it)
+    upto = [f"{prompts.ANSWER_PREFIX} {it.answer}" for it in ITEMS]
+    other = [f"{prompts.ANSWER_PREFIX} {prompts.LETTERS[(prompts.LETTERS.index(it.answer) + 1) % len(it.options)]}"
+             for it in ITEMS]
+    a, b = (vlm.sequence_nll(x, ITEMS, t, reduction="sum", add_eos=False, any_of=sets).detach() for t in (upto, other))
+    assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="any_of has 2 rows"):
+        vlm.sequence_nll(x, ITEMS, targets, any_of=sets[:2])

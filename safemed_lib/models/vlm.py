@@ -239,7 +239,7 @@ class VLM:
     # ----------------------------------------------------------------- scoring
     def sequence_nll(self, images, items: Sequence[Any], targets: Sequence[str], prompt: str = "nothink",
                      reduction: str = "mean", add_eos: bool = True, extras: dict | None = None,
-                     skip_tokens: Sequence[int] = ()) -> torch.Tensor:
+                     any_of: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         """Teacher-forced negative log-likelihood of each target completion, shape (B,).
 
         The target is tokenized on its own (as the model would emit it after the assistant header)
@@ -249,8 +249,9 @@ class VLM:
         ``extras``: a dict that receives the model's outputs with hidden states and attention weights
         (``outputs``; attention weights need eager attention), the ``inputs`` and each row's target
         length (``lengths``), for auxiliary losses (``binding.binding_loss``).
-        ``skip_tokens``: token ids that are not scored where a target has them (a format-only warm-up
-        skips the answer letters, so the model learns the completion's form and never an answer).
+        ``any_of``: per row, token ids that stand for one another: where the target has one of them,
+        the score is -log of the set's total probability (a format-only warm-up: *some* option
+        letter, never which one).
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -270,11 +271,17 @@ class VLM:
         labels = inputs["input_ids"][:, -K:]
         steps = torch.arange(K, device=labels.device)
         tmask = (steps[None, :] >= (K - torch.tensor(lengths, device=labels.device))[:, None]).float()
-        if len(skip_tokens):
-            tmask = tmask * ~torch.isin(labels, torch.tensor(list(skip_tokens), device=labels.device))
-            if (tmask.sum(-1) == 0).any():
-                raise ValueError("skip_tokens leaves a target with no scored token")
-        nll = -torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+        logp = torch.log_softmax(logits, -1)
+        nll = -logp.gather(-1, labels[..., None]).squeeze(-1)
+        if any_of is not None:
+            if len(any_of) != len(targets):
+                raise ValueError(f"any_of has {len(any_of)} rows for {len(targets)} targets")
+            allowed = torch.zeros(logp.shape[0], logp.shape[-1], dtype=torch.bool, device=logp.device)
+            for b, ids in enumerate(any_of):
+                allowed[b, list(ids)] = True
+            in_set = allowed.gather(1, labels) & tmask.bool()
+            set_nll = -torch.logsumexp(logp.masked_fill(~allowed[:, None, :], float("-inf")), -1)
+            nll = torch.where(in_set, set_nll, nll)
         total = (nll * tmask).sum(-1)
         return total / tmask.sum(-1) if reduction == "mean" else total
 
