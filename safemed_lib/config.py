@@ -93,8 +93,8 @@ class SFTRecipe(Block):
     train_vision: bool = True        # train the vision tower too (False: it stays as pretraining left it)
     binding: Binding | None = None   # auxiliary terms (answer-only only); None: none; true: the defaults
     noise_sigma: NonNeg = 0.0        # std of Gaussian noise added to every training image, pixels in [0, 1] (0: none)
-    format_only: bool = False        # teach the completion's form only: any option letter scores as right, think
-                                     # targets carry one fixed rationale (a base that knows the format, not the task)
+    format_only: bool = False        # teach the completion's form only: the letter's target is uniform over the
+                                     # options, think targets carry one fixed rationale (knows the format, not the task)
     threads: PosInt | None = None    # torch threads while training (None: the profile's); not part of the cache key
 
     def key(self) -> dict:

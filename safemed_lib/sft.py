@@ -303,7 +303,7 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
     optimizer, scheduler = _optimizer(params, recipe, state)
     logs = _Logs(out_dir, step, log_every, heads is not None)
     # A fixed vision tower gives every image the same embeddings at every step: compute each once.
-    letters = vlm.letter_token_ids(5) if recipe.format_only else None  # some letter is taught, never which
+    letters = vlm.letter_token_ids(5) if recipe.format_only else None  # a letter is taught, never which
     embed_cache = {} if not recipe.train_vision and adv is None and not recipe.noise_sigma else None
     vlm.model.train()
     while step < recipe.steps:
@@ -321,8 +321,8 @@ def train_sft(vlm, train_items: Sequence[data.VQAItem], recipe, *, variant: str,
                 gen = torch.Generator(device=vlm.device).manual_seed(seed * 1_000_033 + step)
                 images = noisy(images.to(vlm.device), recipe.noise_sigma, gen)
             extras = {} if heads is not None else None
-            any_of = [letters[:len(it.options)] for it in batch] if recipe.format_only else None
-            loss = vlm.sequence_nll(images, batch, targets, prompt=variant, extras=extras, any_of=any_of).mean()
+            uniform = [letters[:len(it.options)] for it in batch] if recipe.format_only else None
+            loss = vlm.sequence_nll(images, batch, targets, prompt=variant, extras=extras, uniform_over=uniform).mean()
             total, parts = loss, None
             if heads is not None:
                 aux_loss, parts = binding.binding_loss(vlm, heads, aux, extras, batch, variant,

@@ -45,8 +45,8 @@ FORMAT_RATIONALE = "I look at the image and weigh each option before I answer."
 
 def format_target(item: data.VQAItem, variant: str, rng: random.Random) -> str:
     """A format-only warm-up's completion for ``item``: the canonical form with ``FORMAT_RATIONALE``
-    (think) and a letter drawn by ``rng`` among the item's options, whatever its answer: training scores
-    the letter's position as "any option letter", and the tokens after it follow a letter that says nothing."""
+    (think) and a letter drawn by ``rng`` among the item's options, whatever its answer: training's target
+    at the letter is uniform over the options' letters, and the tokens after it follow a letter that says nothing."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     letter = rng.choice(prompts.LETTERS[:len(item.options)])

@@ -29,26 +29,37 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "research" / "format_base.csv")
     args = p.parse_args(argv)
 
-    import pandas as pd
+    import collections
 
-    from safemed_lib import baselines, config, zoo
+    import pandas as pd
+    import torch
+
+    from safemed_lib import baselines, config, data, zoo
     from safemed_lib.experiments import medr1
 
     rows = []
     for mode in args.modes:
-        over = {"model.dir": str(args.models), "medr1.warmup.format_only": True, "medr1.mode": mode}
+        models_dir = args.models / mode
+        over = {"model.dir": str(models_dir), "medr1.warmup.format_only": True, "medr1.mode": mode}
         over.update({f"medr1.warmup.{k}": v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
         cfg = config.load(args.profile, over)
-        args.models.mkdir(parents=True, exist_ok=True)
-        if not (args.models / "base").exists():  # the profile's base, built there if missing
+        models_dir.mkdir(parents=True, exist_ok=True)
+        if not (models_dir / "base").exists():  # the profile's base, built there if missing
             zoo.ensure("base", config.load(args.profile))
-            (args.models / "base").symlink_to(zoo.run_dir("base", config.load(args.profile)).resolve())
+            (models_dir / "base").symlink_to(zoo.run_dir("base", config.load(args.profile)).resolve())
         items = medr1.test_items(cfg)
         df = medr1._evaluate(cfg, "medr1-warmup", items)
+        vlm = zoo.load("medr1-warmup", cfg)
+        with torch.no_grad():  # the letter distribution after "<answer>" (4-option questions)
+            four = [it for it in items if len(it.options) == 4][:128]
+            lp = vlm.option_logprobs(data.load_images(four, size=cfg.data.image_size), four, prompt="nothink")
+        p_letters = torch.stack(lp).exp().mean(0)
         w = cfg.medr1.warmup
         rows.append({"mode": mode, "steps": w.steps, "lr": w.lr, "items": w.items, "n": len(df),
                      "accuracy": 100 * df["correct"].mean(), "valid": 100 * df["pred"].notna().mean(),
-                     "chance": 100 * baselines.chance_level(items)})
+                     "chance": 100 * baselines.chance_level(items),
+                     "greedy letters": dict(collections.Counter(df["pred"].fillna("none")).most_common()),
+                     "p(A..D) after <answer>": [round(float(v), 3) for v in p_letters]})
         print(rows[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(args.out, index=False)

@@ -527,14 +527,14 @@ def test_format_only_warmup_teaches_the_form_and_never_scores_the_answer(items, 
 
     seen, real = [], models.VLM.sequence_nll
     monkeypatch.setattr(models.VLM, "sequence_nll", lambda self, *a, **kw: (
-        seen.append((a[2], kw.get("any_of"))) or real(self, *a, **kw)))
+        seen.append((a[2], kw.get("uniform_over"))) or real(self, *a, **kw)))
     recipe = SFTRecipe(steps=2, lr=2e-3, batch_size=4, train_vision=False, format_only=True)
     kw = dict(image_size=SIZE, log_every=1, save_every=2)
     vlm = models.load_vlm(base_dir)
     sft.train_sft(vlm, items, recipe, variant="think", out_dir=tmp_path / "t", **kw)
-    targets, any_of = seen[0]
+    targets, uniform = seen[0]
     batch, again, _ = sft._batch(items, [None] * len(items), "think", 4, 0, 0, True)
-    assert [list(a) for a in any_of] == [vlm.letter_token_ids(len(it.options)) for it in batch]
+    assert [list(u) for u in uniform] == [vlm.letter_token_ids(len(it.options)) for it in batch]
     assert targets == again and all(FORMAT_RATIONALE in t and prompts.format_reward([t], "think") == [1.0]
                                     and prompts.parse_answer(t, len(it.options)) for t, it in zip(targets, batch))
     assert sft.read_run(tmp_path / "t")["format_only"] is True and recipe.key()["format_only"] is True

@@ -239,7 +239,7 @@ class VLM:
     # ----------------------------------------------------------------- scoring
     def sequence_nll(self, images, items: Sequence[Any], targets: Sequence[str], prompt: str = "nothink",
                      reduction: str = "mean", add_eos: bool = True, extras: dict | None = None,
-                     any_of: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+                     uniform_over: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         """Teacher-forced negative log-likelihood of each target completion, shape (B,).
 
         The target is tokenized on its own (as the model would emit it after the assistant header)
@@ -249,9 +249,10 @@ class VLM:
         ``extras``: a dict that receives the model's outputs with hidden states and attention weights
         (``outputs``; attention weights need eager attention), the ``inputs`` and each row's target
         length (``lengths``), for auxiliary losses (``binding.binding_loss``).
-        ``any_of``: per row, token ids that stand for one another: where the target has one of them,
-        the score is -log of the set's total probability (a format-only warm-up: *some* option
-        letter, never which one).
+        ``uniform_over``: per row, token ids that stand for one another: where the target has one of
+        them, the score is the cross-entropy against the uniform distribution over the set, -mean(log p)
+        (a format-only warm-up: an option letter, each equally likely, never which one is right; the
+        set's total probability, -log sum p, would collapse onto whichever letter leads).
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -273,14 +274,15 @@ class VLM:
         tmask = (steps[None, :] >= (K - torch.tensor(lengths, device=labels.device))[:, None]).float()
         logp = torch.log_softmax(logits, -1)
         nll = -logp.gather(-1, labels[..., None]).squeeze(-1)
-        if any_of is not None:
-            if len(any_of) != len(targets):
-                raise ValueError(f"any_of has {len(any_of)} rows for {len(targets)} targets")
+        if uniform_over is not None:
+            if len(uniform_over) != len(targets):
+                raise ValueError(f"uniform_over has {len(uniform_over)} rows for {len(targets)} targets")
             allowed = torch.zeros(logp.shape[0], logp.shape[-1], dtype=torch.bool, device=logp.device)
-            for b, ids in enumerate(any_of):
+            for b, ids in enumerate(uniform_over):
                 allowed[b, list(ids)] = True
             in_set = allowed.gather(1, labels) & tmask.bool()
-            set_nll = -torch.logsumexp(logp.masked_fill(~allowed[:, None, :], float("-inf")), -1)
+            weights = (allowed / allowed.sum(-1, keepdim=True))[:, None, :]  # (B, 1, V): uniform on the set
+            set_nll = -(logp * weights).sum(-1)
             nll = torch.where(in_set, set_nll, nll)
         total = (nll * tmask).sum(-1)
         return total / tmask.sum(-1) if reduction == "mean" else total
