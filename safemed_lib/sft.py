@@ -69,7 +69,7 @@ def run_settings(variant: str, train_items: Sequence[data.VQAItem], recipe, *, i
         out["noise_sigma"] = float(recipe.noise_sigma)
     if recipe.format_only:
         if aux is not None:
-            raise ValueError("format_only leaves the answer unscored; the binding terms supervise it (set binding: null)")
+            raise ValueError("format_only teaches no answer, and the binding terms supervise it (set binding: null)")
         out["format_only"] = True
     return out
 

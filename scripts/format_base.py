@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     from safemed_lib import baselines, config, data, zoo
     from safemed_lib.experiments import medr1
 
+    profile = config.load(args.profile)
     rows = []
     for mode in args.modes:
         models_dir = args.models / mode
@@ -45,8 +46,8 @@ def main(argv=None) -> int:
         cfg = config.load(args.profile, over)
         models_dir.mkdir(parents=True, exist_ok=True)
         if not (models_dir / "base").exists():  # the profile's base, built there if missing
-            zoo.ensure("base", config.load(args.profile))
-            (models_dir / "base").symlink_to(zoo.run_dir("base", config.load(args.profile)).resolve())
+            zoo.ensure("base", profile)
+            (models_dir / "base").symlink_to(zoo.run_dir("base", profile).resolve())
         items = medr1.test_items(cfg)
         df = medr1._evaluate(cfg, "medr1-warmup", items)
         vlm = zoo.load("medr1-warmup", cfg)
